@@ -1,0 +1,1 @@
+"""Federated CT liver segmentation with patient-level differential privacy."""

@@ -1,0 +1,107 @@
+"""The one place the code reads the MONAI bundle: network, transforms, loss, inferer.
+
+The bundle (``bundles/ct_liver_seg``) is the single source of truth; nothing here redefines a
+layer or a transform. The bundle is found at ``$DPSEG_BUNDLE_DIR`` or next to this package's
+source tree (the installed copy of a site).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+
+BUNDLE_NAME = "ct_liver_seg"
+ENV_BUNDLE_DIR = "DPSEG_BUNDLE_DIR"
+
+
+def default_bundle_dir() -> Path:
+    """The installed bundle: ``$DPSEG_BUNDLE_DIR`` if set, else ``<repo>/bundles/ct_liver_seg``."""
+    configured = os.environ.get(ENV_BUNDLE_DIR)
+    path = Path(configured) if configured else Path(__file__).resolve().parents[2] / "bundles" / BUNDLE_NAME
+    if not (path / "configs" / "train.json").is_file():
+        source = f"${ENV_BUNDLE_DIR}={configured}" if configured else "the package's bundles/ folder"
+        raise FileNotFoundError(f"no MONAI bundle at {path} (from {source}): configs/train.json is missing")
+    return path
+
+
+class Bundle:
+    """Parsed configs of the bundle; every getter builds a fresh object from the bundle's JSON.
+
+    ``dataset_dir`` is only needed for the bundle's own datasets (not for the getters here).
+    """
+
+    def __init__(self, root: Path | None = None, device: str | torch.device = "cpu"):
+        self.root = Path(root) if root else default_bundle_dir()
+        self.device = torch.device(device)
+
+    def _parser(self, name: str) -> ConfigParser:
+        parser = ConfigParser()
+        parser.read_meta(str(self.root / "configs" / "metadata.json"))
+        parser.read_config(str(self.root / "configs" / name))
+        parser["bundle_root"] = str(self.root)
+        parser["device"] = f"$torch.device('{self.device}')"
+        return parser
+
+    @cached_property
+    def train_config(self) -> ConfigParser:
+        return self._parser("train.json")
+
+    @cached_property
+    def inference_config(self) -> ConfigParser:
+        return self._parser("inference.json")
+
+    @cached_property
+    def metadata(self) -> dict:
+        return self.train_config.get("_meta_")
+
+    def _build(self, parser: ConfigParser, key: str):
+        return parser.get_parsed_content(key, instantiate=True, lazy=False)
+
+    def network(self) -> torch.nn.Module:
+        """A new, randomly initialised network (2D: input (B, 1, H, W) -> logits (B, 2, H, W))."""
+        return self._build(self.train_config, "network_def").to(self.device)
+
+    def loss(self) -> torch.nn.Module:
+        """The training loss: mean over the batch of per-sample losses (no batch coupling)."""
+        return self._build(self.train_config, "loss")
+
+    def train_transforms(self):
+        """Patient volume -> one random axial slice: dict with image (1, H, W) in [0, 1] and label."""
+        return self._build(self.train_config, "train#preprocessing")
+
+    def volume_transforms(self):
+        """Patient volume -> whole preprocessed volume (1, H, W, D), for validation."""
+        return self._build(self.train_config, "validate#preprocessing")
+
+    def roi_size(self) -> tuple[int, int]:
+        """In-plane size (voxels) of the network's input slices."""
+        return tuple(self.train_config["roi_size"])
+
+    def inferer(self):
+        """Applies the 2D network slice by slice to (B, 1, H, W, D) volumes."""
+        return self._build(self.inference_config, "inferer")
+
+    def inference_pipeline(self):
+        """(preprocessing, inferer, postprocessing) of the inference config, without saving to disk.
+
+        Built from one fresh parse, so postprocessing's Invertd refers to this preprocessing:
+        predictions come back in the input volume's own shape and affine.
+        """
+        from monai.transforms import Compose, SaveImaged
+
+        parser = self._parser("inference.json")
+        pre, inferer, post = (parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "postprocessing"))
+        return pre, inferer, Compose([t for t in post.transforms if not isinstance(t, SaveImaged)])
+
+    def model_path(self) -> Path:
+        return self.root / "models" / "model.pt"
+
+    def load_weights(self, network: torch.nn.Module, path: Path | None = None) -> torch.nn.Module:
+        """Load a plain state dict (strictly: every key must match) into ``network``."""
+        state = torch.load(path or self.model_path(), map_location=self.device, weights_only=True)
+        network.load_state_dict(state, strict=True)
+        return network

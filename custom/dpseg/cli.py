@@ -1,0 +1,156 @@
+"""`dpseg ...` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from dpseg.datalist import read_datalist, write_datalist
+    from dpseg.synthetic import write_cohort
+
+    start = time.perf_counter()
+
+    def progress(site: str, done: int, total: int) -> None:
+        if done == total or done % 20 == 0:
+            print(f"  {site}: {done}/{total} patients ({time.perf_counter() - start:.1f} s)", flush=True)
+
+    datalists = write_cohort(Path(args.out), args.sites, args.patients, args.seed, progress)
+    pooled = {split: [{k: (f"{d.parent.name}/{v}" if k in ("image", "label") else v) for k, v in it.items()}
+                      for d in datalists for it in read_datalist(d)[split]]
+              for split in ("training", "validation", "test")}
+    write_datalist(Path(args.out) / "datalist.json", pooled, description="synthetic CT, all sites pooled")
+    for d in datalists:
+        print(f"wrote {d}")
+    print(f"wrote {Path(args.out) / 'datalist.json'} (all sites pooled) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_split_msd(args: argparse.Namespace) -> int:
+    from dpseg.datalist import DatalistError, split_msd
+
+    try:
+        datalists = split_msd(Path(args.msd), Path(args.out), args.sites, args.seed)
+    except DatalistError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for d in datalists:
+        print(f"wrote {d}")
+    return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from dpseg.checks import check_datalist
+
+    status = 0
+    for path in args.datalist:
+        report = check_datalist(Path(path))
+        if report.ok:
+            print(report.summary())
+        else:
+            status = 1
+            for problem in report.problems:
+                print(problem)
+    return status
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dpseg.bundle import Bundle
+    from dpseg.evaluate import evaluate
+
+    bundle = Bundle(args.bundle)
+    network = bundle.load_weights(bundle.network(), args.model)
+    results = []
+    for path in args.datalist:
+        res = evaluate(Path(path), bundle, network, args.split)
+        results.append(res)
+        print(f"{path}: {res['split']} Dice mean {res['mean_dice']:.3f} (min {res['min_dice']:.3f}, "
+              f"{res['patients']} patients)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+def cmd_init_workspace(args: argparse.Namespace) -> int:
+    from dpseg.workspace import allow_dpseg
+
+    for folder in args.workspace:
+        print(f"wrote {allow_dpseg(Path(folder))} (class allow-list: NVFlare's defaults + dpseg.)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from dpseg.report import ReportError, build_report, format_report
+
+    try:
+        report = build_report(Path(args.workspace))
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(args.json) if args.json else Path(args.workspace) / "dpseg_report.json"
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print(format_report(report))
+    print(f"\nwrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpseg", description=(
+        "Federated CT liver segmentation with patient-level differential privacy."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic multi-site abdominal CT cohort (NIfTI, MSD layout)")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per site)")
+    p.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
+    p.add_argument("--patients", type=_int_list, help="patients per site, comma-separated (default 60,90,120)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same files)")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("split-msd", help="split a Medical Segmentation Decathlon task into per-site datalists")
+    p.add_argument("--msd", required=True, help="task folder with dataset.json, imagesTr, labelsTr")
+    p.add_argument("--out", required=True, help="output folder (site-1, site-2, ...)")
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_split_msd)
+
+    p = sub.add_parser("check-data", help="validate datalists and their volumes; exit 1 on any problem")
+    p.add_argument("datalist", nargs="+")
+    p.set_defaults(func=cmd_check_data)
+
+    p = sub.add_parser("init-workspace", help="allow dpseg's components in an NVFlare simulator workspace or startup kit")
+    p.add_argument("workspace", nargs="+", help="simulator workspace (-w) or a site's / the server's startup-kit folder")
+    p.set_defaults(func=cmd_init_workspace)
+
+    p = sub.add_parser("report", help="privacy and utility report of a finished NVFlare workspace")
+    p.add_argument("workspace", help="simulator workspace (-w), or a downloaded job result folder")
+    p.add_argument("--json", help="where to write the JSON report (default: WORKSPACE/dpseg_report.json)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("evaluate", help="Dice of the bundle's model on whole 3D volumes of a split")
+    p.add_argument("datalist", nargs="+")
+    p.add_argument("--split", default="test")
+    p.add_argument("--model", help="state dict to evaluate (default: the bundle's models/model.pt)")
+    p.add_argument("--bundle", help="bundle folder (default: the installed bundle)")
+    p.add_argument("--json", help="also write the per-patient results to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

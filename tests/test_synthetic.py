@@ -1,0 +1,102 @@
+import hashlib
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from dpseg.datalist import read_datalist
+from dpseg.synthetic import DEFAULT_PROFILES, PHASE_HU, phantom, site_profiles, write_site
+
+
+def _load(site_dir, pid):
+    img = nib.load(str(site_dir / "imagesTr" / f"{pid}.nii.gz"))
+    lab = nib.load(str(site_dir / "labelsTr" / f"{pid}.nii.gz"))
+    return img, lab
+
+
+def test_geometry_matches_the_site_profile(cohort):
+    for profile in site_profiles(2, [6, 6], seed=7):
+        img, lab = _load(cohort / profile.name, f"{profile.name}_000")
+        assert img.shape == lab.shape == profile.shape
+        assert np.allclose(img.affine, lab.affine)
+        assert np.allclose(img.header.get_zooms()[:3], profile.spacing)
+        assert "".join(nib.aff2axcodes(img.affine)) == profile.orientation
+        # the volume is centred on the world origin whatever the storage orientation
+        centre = img.affine @ np.r_[(np.array(img.shape) - 1) / 2, 1]
+        assert np.allclose(centre[:3], 0, atol=1e-3)
+
+
+def test_liver_is_on_the_patients_right_in_world_coordinates(cohort):
+    for site in ("site-1", "site-2"):  # RAS and LPS storage
+        img, lab = _load(cohort / site, f"{site}_001")
+        ijk = np.argwhere(np.asanyarray(lab.dataobj) > 0)
+        world = nib.affines.apply_affine(lab.affine, ijk)
+        assert world[:, 0].mean() > 10, "liver centre must lie at +x (patient right, RAS+)"
+
+
+def test_hu_ranges_and_tissues():
+    rng = np.random.default_rng(0)
+    image, label = phantom(DEFAULT_PROFILES[0], rng)
+    assert image.dtype == np.int16 and label.dtype == np.uint8
+    assert image.min() == -1024  # air outside the body
+    assert 300 < image.max() < 1200  # bone, several hundred HU
+    assert np.mean((image > -160) & (image < -40)) > 0.05  # fat around -100 HU
+    liver_hu = image[label > 0]
+    assert abs(np.median(liver_hu) - PHASE_HU["portal"][0]) < 35
+    assert set(np.unique(label)) == {0, 1}
+    assert 0.01 < label.mean() < 0.2
+
+
+def test_liver_cannot_be_found_by_a_threshold():
+    """Voxels in the liver's HU band outside the liver (spleen, kidneys, vessels) are plenty."""
+    image, label = phantom(DEFAULT_PROFILES[0], np.random.default_rng(3))
+    lo, hi = np.percentile(image[label > 0], [10, 90])
+    band = (image >= lo) & (image <= hi)
+    precision = (band & (label > 0)).sum() / band.sum()
+    assert precision < 0.8
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    profile = site_profiles(1, [3])[0]
+    digests = []
+    for run, seed in ((1, 5), (2, 5), (3, 6)):
+        write_site(tmp_path / str(run), profile, seed)
+        data = [np.asanyarray(nib.load(str(p)).dataobj).tobytes()
+                for p in sorted((tmp_path / str(run) / profile.name).rglob("*.nii.gz"))]
+        digests.append(hashlib.sha256(b"".join(data)).hexdigest())
+    assert digests[0] == digests[1]
+    assert digests[0] != digests[2]
+
+
+def test_sites_differ_like_scanners():
+    stats = []
+    for profile in DEFAULT_PROFILES:
+        image, label = phantom(profile, np.random.default_rng(11))
+        # robust noise estimate: MAD of neighbour differences inside the liver (white noise, sqrt 2)
+        diff = np.diff(image.astype(float), axis=0)[(label[1:] > 0) & (label[:-1] > 0)]
+        noise = 1.4826 * np.median(np.abs(diff - np.median(diff))) / np.sqrt(2)
+        stats.append((profile.spacing, noise, np.median(image[label > 0])))
+    spacings = {s[0] for s in stats}
+    assert len(spacings) == 3
+    noise = [s[1] for s in stats]
+    assert noise[0] < noise[1] < noise[2]
+    for measured, profile in zip(noise, DEFAULT_PROFILES):
+        assert abs(measured - profile.noise_hu) < 0.25 * profile.noise_hu
+    liver = [s[2] for s in stats]
+    assert max(liver) - min(liver) > 30  # contrast phases
+
+
+def test_cohort_sizes_and_patient_splits(cohort):
+    for site in ("site-1", "site-2"):
+        data = read_datalist(cohort / site / "datalist.json")
+        ids = [it["patient"] for split in ("training", "validation", "test") for it in data[split]]
+        assert len(ids) == len(set(ids)) == 6
+        assert all(data[split] for split in ("training", "validation", "test"))
+
+
+def test_profiles_reject_bad_requests():
+    with pytest.raises(ValueError, match="3 sites"):
+        site_profiles(3, [10, 10])
+    with pytest.raises(ValueError, match="at least 3 patients"):
+        site_profiles(1, [2])
+    assert len({p.name for p in site_profiles(5)}) == 5
