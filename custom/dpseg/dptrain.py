@@ -1,0 +1,122 @@
+"""Local training of one site, with or without DP-SGD (plain PyTorch and Opacus, no NVFlare).
+
+Each step draws a Poisson sample of the site's training PATIENTS (each patient independently with
+probability ``sample_rate``), takes one random axial slice of each (the bundle's training
+transforms), computes per-sample gradients, clips each to ``max_grad_norm``, adds Gaussian noise of
+std ``noise_multiplier * max_grad_norm`` to their sum and divides by the expected batch size
+(Opacus' DPOptimizer). Empty samples still take a step (noise only), as the analysis assumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from monai.data import CacheDataset
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from dpseg.privacy import Accountant
+
+
+class PatientSlices:
+    """A site's patients as a dataset: ``batch(indices)`` gives one random slice per patient.
+
+    The deterministic part of the bundle's transforms (load, orient, resample, window) is cached
+    once; the random slice draw runs on every access.
+    """
+
+    def __init__(self, items: list[dict], train_transforms):
+        self.data = CacheDataset(items, train_transforms, cache_rate=1.0, num_workers=0, progress=False)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 1, H, W) in [0, 1] and labels (B, 1, H, W) for the given patients."""
+        samples = [self.data[i] for i in indices]
+        samples = [s[0] if isinstance(s, list) else s for s in samples]
+        return torch.stack([torch.as_tensor(s["image"]) for s in samples]), \
+            torch.stack([torch.as_tensor(s["label"]) for s in samples])
+
+
+def poisson_sample(n: int, rate: float, generator: torch.Generator) -> list[int]:
+    """Indices of a Poisson sample: each of ``n`` items independently with probability ``rate``."""
+    return torch.nonzero(torch.rand(n, generator=generator) < rate).flatten().tolist()
+
+
+@dataclass
+class StepStats:
+    steps: int = 0
+    samples: int = 0
+    empty_steps: int = 0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.loss_count if self.loss_count else float("nan")
+
+
+class LocalTrainer:
+    """Runs local steps on a network in place. ``accountant`` None means no DP (the baseline).
+
+    Without DP, batches are Poisson samples of the same expected size, so the two modes differ
+    only by clipping and noise. The network keeps plain state-dict keys throughout.
+    """
+
+    def __init__(self, network: torch.nn.Module, loss_fn, data: PatientSlices, lr: float, batch_size: int,
+                 accountant: Accountant | None = None, seed: int = 0):
+        self.network, self.loss_fn, self.data = network, loss_fn, data
+        self.accountant = accountant
+        self.sample_rate = accountant.settings.sample_rate if accountant else batch_size / len(data)
+        self.sampler = torch.Generator().manual_seed(seed)
+        base = torch.optim.Adam(network.parameters(), lr=lr)
+        if accountant is None:
+            self.model, self.optimizer = network, base
+        else:
+            s = accountant.settings
+            self.model = GradSampleModule(network, batch_first=True, loss_reduction="mean")
+            self.optimizer = DPOptimizer(base, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
+                                         expected_batch_size=s.batch_size, loss_reduction="mean",
+                                         generator=torch.Generator().manual_seed(seed + 1))
+
+    def step(self, stats: StepStats) -> None:
+        """One optimizer step on a fresh Poisson sample of patients."""
+        self.model.train()
+        indices = poisson_sample(len(self.data), self.sample_rate, self.sampler)
+        self.optimizer.zero_grad(set_to_none=True)
+        if indices:
+            x, y = self.data.batch(indices)
+            loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+            stats.loss_sum += float(loss) * len(indices)
+            stats.loss_count += len(indices)
+        elif self.accountant is not None:
+            for p in self.network.parameters():  # no patient: clipped sum is zero, noise still added
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        else:
+            stats.empty_steps += 1
+            stats.steps += 1
+            return
+        self.optimizer.step()
+        if self.accountant is not None:
+            self.accountant.step()
+        stats.steps += 1
+        stats.samples += len(indices)
+        stats.empty_steps += not indices
+
+    def run(self, steps: int, abort=lambda: False) -> StepStats:
+        stats = StepStats()
+        for _ in range(steps):
+            if abort():
+                break
+            self.step(stats)
+        if isinstance(self.model, GradSampleModule):
+            self.model.zero_grad(set_to_none=True)
+        return stats
+
+    def close(self) -> None:
+        """Detach Opacus' hooks so the network is a plain module again."""
+        if isinstance(self.model, GradSampleModule):
+            self.model._close()

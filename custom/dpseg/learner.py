@@ -1,0 +1,236 @@
+"""The site's NVFlare executor: DP-SGD training rounds, validation, and cross-site evaluation.
+
+Tasks:
+- ``train``: receive the global weights, validate them on the site's validation patients, train
+  ``local_steps`` Poisson-sampled steps (DP-SGD when ``dp`` is true), send the weight difference
+  with the privacy meta (epsilon spent so far in this job, delta, noise multiplier, sample rate,
+  steps, accountant) and the validation Dice.
+- ``validate``: Dice of the given weights on the site's test patients, whole 3D volumes.
+
+What leaves the site: weight differences (DP-protected, patient level), the planned number of
+steps, privacy settings, and the Dice / loss on validation and test patients. Those metrics are
+about validation / test patients and are NOT covered by the DP guarantee, which protects the
+training patients. The training loss and the actual Poisson batch sizes stay at the site.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data import CacheDataset
+
+from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
+
+from dpseg.bundle import Bundle
+from dpseg.checks import check_datalist
+from dpseg.datalist import resolve
+from dpseg.dptrain import LocalTrainer, PatientSlices
+from dpseg.evaluate import evaluate
+from dpseg.metrics import dice
+from dpseg.privacy import Accountant, Ledger, PrivacyError, calibrate
+from dpseg.site import SiteConfigError, load_site_settings
+
+ERROR_HEADER = "dpseg_error"
+ACCOUNTANT_FILE = "dpseg_accountant.json"
+
+
+class DataError(RuntimeError):
+    """The site's data failed validation; the message lists each problem with its file."""
+
+
+class SiteLearner(Executor):
+    """One site's training. Arguments are the job's (public) training and privacy settings.
+
+    dp: train with DP-SGD (False: the non-private baseline, same sampling and optimiser);
+    target_epsilon, delta: the job's patient-level budget at this site over ALL rounds;
+    max_grad_norm: per-sample L2 clip; batch_size: expected Poisson batch (patients);
+    local_epochs: expected passes over the training patients per round;
+    accountant: "prv" or "rdp"; data_source: "site" (the site's configured data) or "synthetic"
+    (a synthetic cohort generated in the site's workspace; only where a job asks for it).
+    """
+
+    def __init__(self, dp: bool = True, target_epsilon: float = 8.0, delta: float = 1e-5,
+                 max_grad_norm: float = 1.0, batch_size: int = 16, local_epochs: float = 1.0,
+                 learning_rate: float = 1e-3, accountant: str = "prv", data_source: str = "site",
+                 seed: int = 0, train_task: str = AppConstants.TASK_TRAIN,
+                 validate_task: str = AppConstants.TASK_VALIDATION, log_writer_id: str = "log_writer"):
+        super().__init__()
+        if data_source not in ("site", "synthetic"):
+            raise ValueError(f"data_source must be 'site' or 'synthetic', got {data_source!r}")
+        self.dp, self.target_epsilon, self.delta = dp, target_epsilon, delta
+        self.max_grad_norm, self.batch_size, self.local_epochs = max_grad_norm, batch_size, local_epochs
+        self.learning_rate, self.accountant_name, self.data_source = learning_rate, accountant, data_source
+        self.seed, self.train_task, self.validate_task = seed, train_task, validate_task
+        self.log_writer_id = log_writer_id
+        self.ready = False
+        self.accountant: Accountant | None = None
+
+    # ----------------------------------------------------------------------------- set-up
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            self.log_writer = fl_ctx.get_engine().get_component(self.log_writer_id)
+
+    def _setup(self, fl_ctx: FLContext) -> None:
+        if self.ready:
+            return
+        engine = fl_ctx.get_engine()
+        self.site = fl_ctx.get_identity_name()
+        self.job_id = str(fl_ctx.get_job_id())
+        workspace = engine.get_workspace()
+        self.app_dir = Path(workspace.get_app_dir(self.job_id))
+        root = Path(workspace.get_root_dir())
+        synthetic_root = self._synthetic_cohort(root, fl_ctx) if self.data_source == "synthetic" else None
+        self.settings = load_site_settings(self.site, root, synthetic_root, require_budget=self.dp)
+        report = check_datalist(self.settings.datalist)
+        if not report.ok:
+            raise DataError(f"site {self.site}: data check failed, no training:\n" + "\n".join(report.problems))
+        self.log_info(fl_ctx, report.summary())
+        self.bundle = Bundle()
+        self.network = self.bundle.network()
+        self.loss_fn = self.bundle.loss()
+        self.train_items = resolve(self.settings.datalist, "training")
+        self.local_steps = max(1, math.ceil(self.local_epochs * len(self.train_items) / self.batch_size))
+        self.data = PatientSlices(self.train_items, self.bundle.train_transforms())
+        self.val_data = CacheDataset(resolve(self.settings.datalist, "validation"), self.bundle.volume_transforms(),
+                                     cache_rate=1.0, num_workers=0, progress=False)
+        self.inferer = self.bundle.inferer()
+        self.ready = True
+
+    def _synthetic_cohort(self, root: Path, fl_ctx: FLContext) -> Path:
+        from dpseg.synthetic import site_profiles, write_site
+
+        out = root / "synthetic"
+        if not (out / self.site / "datalist.json").exists():
+            try:
+                index = int(self.site.rsplit("-", 1)[1])
+            except (IndexError, ValueError):
+                raise SiteConfigError(f"synthetic data needs sites named site-N, got {self.site}") from None
+            self.log_info(fl_ctx, f"job asked for synthetic data: writing {self.site}'s cohort under {out}")
+            write_site(out, site_profiles(index)[index - 1], self.seed)
+        return out
+
+    # ----------------------------------------------------------------------------- tasks
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        try:
+            self._setup(fl_ctx)
+            if task_name == self.train_task:
+                return self._train(shareable, fl_ctx, abort_signal)
+            if task_name == self.validate_task:
+                return self._validate(shareable, fl_ctx)
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        except (PrivacyError, SiteConfigError, DataError) as err:
+            self.log_error(fl_ctx, str(err))
+            reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+            reply.set_header(ERROR_HEADER, str(err).splitlines()[0])
+            return reply
+
+    def _load(self, weights: dict) -> None:
+        state = {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
+        self.network.load_state_dict(state, strict=True)
+
+    def _start_privacy(self, num_rounds: int, fl_ctx: FLContext) -> None:
+        """Calibrate once for all the job's steps, enter the job in the ledger, or resume."""
+        saved = self.app_dir / ACCOUNTANT_FILE
+        ledger = Ledger.open(self.settings.ledger, self.settings.total_epsilon)
+        if saved.exists():
+            self.accountant = Accountant.from_state(json.loads(saved.read_text()))
+            self.log_info(fl_ctx, f"resumed accountant: {self.accountant.steps} steps, epsilon {self.accountant.epsilon():.3f}")
+        else:
+            settings = calibrate(self.target_epsilon, self.delta, self.max_grad_norm, self.batch_size,
+                                 len(self.train_items), num_rounds * self.local_steps, self.accountant_name)
+            self.accountant = Accountant(settings)
+            self.log_info(fl_ctx, f"calibrated noise multiplier {settings.noise_multiplier:.4f} for epsilon "
+                                  f"{settings.target_epsilon} at delta {settings.delta} over {settings.steps} steps "
+                                  f"(sample rate {settings.sample_rate:.4f}, accountant {settings.accountant})")
+        ledger.reserve(self.job_id, self.accountant.settings)
+        self.ledger = ledger
+
+    def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        dxo = from_shareable(shareable)
+        current_round = int(shareable.get_header(AppConstants.CURRENT_ROUND) or 0)
+        num_rounds = int(shareable.get_header(AppConstants.NUM_ROUNDS) or 1)
+        global_state = {k: torch.as_tensor(np.asarray(v)).clone() for k, v in dxo.data.items()}
+        self._load(global_state)
+        val = self._validation_metrics()
+        if self.dp:
+            if self.accountant is None:
+                self._start_privacy(num_rounds, fl_ctx)
+            self.accountant.settings.check_same(**(dxo.get_meta_prop("privacy") or {}))
+        start = time.perf_counter()
+        trainer = LocalTrainer(self.network, self.loss_fn, self.data, self.learning_rate, self.batch_size,
+                               self.accountant if self.dp else None,
+                               seed=self.seed * 100003 + current_round if not self.dp else secrets.randbits(62))
+        try:
+            stats = trainer.run(self.local_steps, abort=lambda: abort_signal.triggered)
+        finally:
+            trainer.close()
+            if self.dp:
+                self._save_privacy_state()
+        if abort_signal.triggered:
+            return make_reply(ReturnCode.TASK_ABORTED)
+        seconds = time.perf_counter() - start
+        new_state = self.network.state_dict()
+        diff = {k: (new_state[k] - global_state[k]).numpy() for k in global_state}
+        meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: self.local_steps, MetaKey.INITIAL_METRICS: val,
+                "train_seconds": seconds, "privacy": self._privacy_meta()}
+        self.log_info(fl_ctx, f"round {current_round}: {stats.steps} steps in {seconds:.1f} s, local train loss "
+                              f"{stats.mean_loss:.4f} (kept at the site), val Dice {val['val_dice']:.4f}, "
+                              f"epsilon {meta['privacy'].get('epsilon', 0):.3f}")
+        self._track(current_round, val, meta["privacy"])
+        return DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
+
+    def _privacy_meta(self) -> dict:
+        if not self.dp:
+            return {"dp": False, "unit": "patient"}
+        s = self.accountant.settings
+        return {"dp": True, "unit": "patient", "epsilon": self.accountant.epsilon(), "delta": s.delta,
+                "target_epsilon": s.target_epsilon, "noise_multiplier": s.noise_multiplier,
+                "sample_rate": s.sample_rate, "steps": self.accountant.steps, "planned_steps": s.steps,
+                "max_grad_norm": s.max_grad_norm, "batch_size": s.batch_size, "accountant": s.accountant}
+
+    def _save_privacy_state(self) -> None:
+        path = self.app_dir / ACCOUNTANT_FILE
+        path.write_text(json.dumps(self.accountant.state()) + "\n")
+        self.ledger.record(self.job_id, self.accountant.epsilon(), self.accountant.steps)
+
+    @torch.no_grad()
+    def _validation_metrics(self) -> dict:
+        """Mean Dice and loss over the validation patients (preprocessed grid, whole volumes)."""
+        self.network.eval()
+        dices, losses = [], []
+        for item in self.val_data:
+            image, label = item["image"].unsqueeze(0), item["label"].unsqueeze(0)
+            logits = self.inferer(image, self.network)
+            losses.append(float(self.loss_fn(logits, label)))
+            dices.append(dice(logits.argmax(1).numpy(), label[:, 0].numpy()))
+        return {"val_dice": float(np.mean(dices)), "val_loss": float(np.mean(losses))}
+
+    def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        dxo = from_shareable(shareable)
+        network = self.bundle.network()
+        network.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in dxo.data.items()}, strict=True)
+        result = evaluate(self.settings.datalist, self.bundle, network, "test")
+        metrics = {"test_dice": result["mean_dice"], "test_patients": result["patients"]}
+        self.log_info(fl_ctx, f"test Dice of model from {shareable.get_header('model_owner')}: {result['mean_dice']:.4f}")
+        return DXO(DataKind.METRICS, data=metrics).to_shareable()
+
+    def _track(self, current_round: int, val: dict, privacy: dict) -> None:
+        if not getattr(self, "log_writer", None):
+            return
+        self.log_writer.add_scalar("val_dice", val["val_dice"], current_round)
+        self.log_writer.add_scalar("val_loss", val["val_loss"], current_round)
+        if privacy.get("dp"):
+            self.log_writer.add_scalar("epsilon", privacy["epsilon"], current_round)

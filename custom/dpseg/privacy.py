@@ -1,0 +1,198 @@
+"""Differential privacy bookkeeping of a site: noise calibration, the accountant, the budget ledger.
+
+The unit of privacy is one patient of one site: every training sample is one slice of one patient,
+and batches are drawn by Poisson sampling over the site's training patients with rate
+``sample_rate``. The guarantee covers everything the site sends during a job (all rounds), by the
+accountant named (Opacus' ``prv`` or ``rdp``). Across jobs the site's ledger adds epsilons and
+deltas up (basic composition), which is an upper bound.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+ACCOUNTANTS = ("prv", "rdp")
+
+
+class PrivacyError(RuntimeError):
+    """Training must not go on: the guarantee would be broken or cannot be established."""
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """What a site calibrated for, fixed for the whole job.
+
+    target_epsilon / delta: the (epsilon, delta) the job must not exceed at the patient level;
+    max_grad_norm: per-sample clipping norm (L2); batch_size: expected Poisson batch (patients);
+    sample_rate: batch_size / training patients; steps: optimizer steps over ALL rounds.
+    """
+
+    target_epsilon: float
+    delta: float
+    max_grad_norm: float
+    batch_size: int
+    sample_rate: float
+    steps: int
+    accountant: str
+    noise_multiplier: float
+
+    def check_same(self, **requested) -> None:
+        """Refuse any change of a privacy-relevant setting after calibration."""
+        for key, value in requested.items():
+            if value is None:
+                continue
+            mine = getattr(self, key)
+            if (isinstance(mine, float) and not math.isclose(mine, float(value), rel_tol=1e-9)) or (
+                    not isinstance(mine, float) and mine != value):
+                raise PrivacyError(f"this site calibrated its noise for {key}={mine}; "
+                                   f"the server asked for {key}={value}: refused")
+
+
+def calibrate(target_epsilon: float, delta: float, max_grad_norm: float, batch_size: int,
+              n_patients: int, steps: int, accountant: str = "prv") -> PrivacySettings:
+    """Noise multiplier such that ``steps`` Poisson-sampled steps spend at most ``target_epsilon``."""
+    if accountant not in ACCOUNTANTS:
+        raise PrivacyError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if not (target_epsilon > 0 and 0 < delta < 1):
+        raise PrivacyError(f"need target_epsilon > 0 and 0 < delta < 1, got {target_epsilon}, {delta}")
+    if delta >= 1.0 / n_patients:
+        raise PrivacyError(f"delta={delta} is not below 1/{n_patients} (one over the site's training patients)")
+    if not (0 < batch_size < n_patients):
+        raise PrivacyError(f"batch_size={batch_size} must be between 1 and the {n_patients} training patients")
+    if max_grad_norm <= 0 or steps < 1:
+        raise PrivacyError(f"need max_grad_norm > 0 and steps >= 1, got {max_grad_norm}, {steps}")
+    sample_rate = batch_size / n_patients
+    sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                                 steps=steps, accountant=accountant, epsilon_tolerance=0.01)
+    settings = PrivacySettings(target_epsilon, delta, max_grad_norm, batch_size, sample_rate, steps,
+                               accountant, float(sigma))
+    planned = Accountant(settings).epsilon_after(steps)
+    if planned > target_epsilon:
+        raise PrivacyError(f"calibration failed: {planned:.4f} > target epsilon {target_epsilon}")
+    return settings
+
+
+class Accountant:
+    """The accountant of one job at one site; its history persists across rounds (and restarts)."""
+
+    def __init__(self, settings: PrivacySettings, history: list | None = None):
+        self.settings = settings
+        self._acc = create_accountant(mechanism=settings.accountant)
+        self._acc.history = [tuple(h) for h in (history or [])]
+
+    @property
+    def steps(self) -> int:
+        return sum(int(h[2]) for h in self._acc.history)
+
+    def step(self, n: int = 1) -> None:
+        """Record ``n`` steps of the calibrated Gaussian mechanism; refuse to pass the plan."""
+        if self.steps + n > self.settings.steps:
+            raise PrivacyError(f"the job planned {self.settings.steps} steps; step {self.steps + n} refused")
+        s = self.settings
+        hist = self._acc.history
+        if hist and hist[-1][0] == s.noise_multiplier and hist[-1][1] == s.sample_rate:
+            hist[-1] = (s.noise_multiplier, s.sample_rate, hist[-1][2] + n)
+        else:
+            hist.append((s.noise_multiplier, s.sample_rate, n))
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at the settings' delta (0 before the first step)."""
+        return self.epsilon_after(self.steps) if self.steps else 0.0
+
+    def epsilon_after(self, steps: int) -> float:
+        """Epsilon of ``steps`` steps of this mechanism (for planning)."""
+        s = self.settings
+        acc = create_accountant(mechanism=s.accountant)
+        acc.history = [(s.noise_multiplier, s.sample_rate, steps)]
+        return float(acc.get_epsilon(delta=s.delta))
+
+    def state(self) -> dict:
+        return {"settings": asdict(self.settings), "history": [list(h) for h in self._acc.history]}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "Accountant":
+        return cls(PrivacySettings(**state["settings"]), state["history"])
+
+
+@dataclass
+class Ledger:
+    """The site's privacy budget across jobs, kept in a JSON file the site owns.
+
+    Each job is entered before its first step with the epsilon it is calibrated to reach (its
+    target), then updated with what it actually spent. A job is refused if the sum of all jobs'
+    targets would pass ``total_epsilon``. A missing file starts at zero; a file that cannot be read
+    or whose checksum does not match its content stops training: it is never reset here.
+    The checksum catches damage and hand edits, not a deliberate forger with write access.
+    """
+
+    path: Path
+    total_epsilon: float
+    jobs: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: Path, total_epsilon: float) -> "Ledger":
+        path = Path(path)
+        if not total_epsilon > 0:
+            raise PrivacyError(f"the site's total epsilon budget must be > 0, got {total_epsilon}")
+        if not path.exists():
+            return cls(path, total_epsilon)
+        try:
+            body = json.loads(path.read_text())
+            jobs, digest = body["jobs"], body["sha256"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise PrivacyError(f"privacy ledger {path} is unreadable ({err}); training stopped. "
+                               "Restore it from a backup; it is never reset automatically.") from None
+        if digest != _digest(jobs):
+            raise PrivacyError(f"privacy ledger {path} does not match its checksum (damaged or edited); "
+                               "training stopped. Restore it from a backup; it is never reset automatically.")
+        return cls(path, total_epsilon, jobs)
+
+    def committed(self, exclude: str | None = None) -> float:
+        """Epsilon committed by every job (the larger of target and spent), except ``exclude``."""
+        return sum(max(j["target_epsilon"], j["spent_epsilon"]) for k, j in self.jobs.items() if k != exclude)
+
+    def spent(self) -> tuple[float, float]:
+        """(epsilon, delta) actually spent by all jobs, added up."""
+        return (sum(j["spent_epsilon"] for j in self.jobs.values()),
+                sum(j["delta"] for j in self.jobs.values() if j["spent_epsilon"] > 0))
+
+    def reserve(self, job_id: str, settings: PrivacySettings) -> None:
+        """Enter a job at its target epsilon; refuse it if the site's budget would be passed."""
+        if job_id in self.jobs:
+            if self.jobs[job_id]["target_epsilon"] != settings.target_epsilon:
+                raise PrivacyError(f"job {job_id} is already in the ledger with another target epsilon")
+            return
+        already = self.committed()
+        if already + settings.target_epsilon > self.total_epsilon + 1e-12:
+            raise PrivacyError(
+                f"privacy budget exceeded: this site has committed epsilon {already:.3f} of its total "
+                f"{self.total_epsilon:.3f} (ledger {self.path}); job {job_id} needs {settings.target_epsilon:.3f}. "
+                "Refused before any training step.")
+        self.jobs[job_id] = {"target_epsilon": settings.target_epsilon, "delta": settings.delta,
+                             "spent_epsilon": 0.0, "steps": 0, "accountant": settings.accountant,
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.save()
+
+    def record(self, job_id: str, spent_epsilon: float, steps: int) -> None:
+        self.jobs[job_id].update(spent_epsilon=float(spent_epsilon), steps=int(steps))
+        self.save()
+
+    def save(self) -> None:
+        """Write atomically (a crash leaves the old or the new ledger, never half of one)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"jobs": self.jobs, "sha256": _digest(self.jobs)}, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+
+def _digest(jobs: dict) -> str:
+    return hashlib.sha256(json.dumps(jobs, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,99 @@
+"""Privacy and utility report of a finished NVFlare workspace (simulator, POC or a downloaded job).
+
+Reads what the server kept: ``dpseg_rounds.json`` (per round and site: privacy meta, validation
+Dice, steps; wall time) and ``cross_site_val/cross_val_results.json`` (each global model's Dice on
+each site's test patients). Never reads a site's data or paths.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dpseg.server import BUNDLE_OUT, ROUNDS_FILE
+
+BEST_MODEL = "SRV_best_FL_global_model.pt"
+FINAL_MODEL = "SRV_FL_global_model.pt"
+
+
+class ReportError(RuntimeError):
+    pass
+
+
+def find_run_dir(workspace: Path) -> Path:
+    """The server's run folder inside a workspace (the one holding ``dpseg_rounds.json``)."""
+    workspace = Path(workspace)
+    if not workspace.is_dir():
+        raise ReportError(f"{workspace} is not a folder")
+    found = sorted(workspace.rglob(ROUNDS_FILE), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ReportError(f"no {ROUNDS_FILE} under {workspace}: not a finished dpseg job workspace")
+    return found[-1].parent
+
+
+def build_report(workspace: Path) -> dict:
+    run = find_run_dir(workspace)
+    rounds = json.loads((run / ROUNDS_FILE).read_text())
+    sites: dict[str, dict] = {}
+    for rec in rounds:
+        for site, contrib in rec["sites"].items():
+            entry = sites.setdefault(site, {"rounds": 0, "privacy": None, "val_dice": None})
+            entry["rounds"] += 1
+            entry["privacy"] = contrib.get("privacy")
+            entry["val_dice"] = (contrib.get("metrics") or {}).get("val_dice")
+    cross = run / "cross_site_val" / "cross_val_results.json"
+    test = json.loads(cross.read_text()) if cross.exists() else {}
+    for site, models in test.items():
+        entry = sites.setdefault(site, {"rounds": 0, "privacy": None, "val_dice": None})
+        entry["test_dice_best"] = (models.get(BEST_MODEL) or {}).get("test_dice")
+        entry["test_dice_final"] = (models.get(FINAL_MODEL) or {}).get("test_dice")
+        entry["test_patients"] = (models.get(BEST_MODEL) or models.get(FINAL_MODEL) or {}).get("test_patients")
+
+    def mean(key: str):
+        values = [s[key] for s in sites.values() if s.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    bundle = next((run / BUNDLE_OUT).glob("*/models/model.pt"), None) if (run / BUNDLE_OUT).exists() else None
+    return {
+        "run_dir": str(run),
+        "rounds": len(rounds),
+        "round_seconds": [round(r.get("seconds", float("nan")), 2) for r in rounds],
+        "sites": dict(sorted(sites.items())),
+        "mean_test_dice_best": mean("test_dice_best"),
+        "mean_test_dice_final": mean("test_dice_final"),
+        "best_model_bundle": str(bundle.parent.parent) if bundle else None,
+        "notes": [
+            "epsilon: patient-level (one patient of one site), for everything the site sent in this job "
+            "(all rounds), by the accountant named; server aggregation is post-processing.",
+            "Dice on validation and test patients is reported without DP; it is about those patients, "
+            "who are not in the training split.",
+        ],
+    }
+
+
+def format_report(report: dict) -> str:
+    lines = [f"run: {report['run_dir']}", f"rounds: {report['rounds']}; wall time per round (s): "
+             + ", ".join(f"{s:.1f}" for s in report["round_seconds"]), ""]
+    head = f"{'site':<10}{'DP':<5}{'epsilon':>9}{'delta':>9}{'target':>8}{'sigma':>8}{'q':>8}{'steps':>7}" \
+           f"{'rounds':>7}  {'acct':<5}{'unit':<9}{'test Dice':>10}{'(final)':>9}"
+    lines += [head, "-" * len(head)]
+    for site, s in report["sites"].items():
+        p = s.get("privacy") or {}
+        dp = p.get("dp", False)
+
+        def num(key, fmt):
+            return format(p[key], fmt) if dp and p.get(key) is not None else "-"
+
+        best = f"{s['test_dice_best']:.4f}" if s.get("test_dice_best") is not None else "-"
+        final = f"{s['test_dice_final']:.4f}" if s.get("test_dice_final") is not None else "-"
+        lines.append(f"{site:<10}{'yes' if dp else 'no':<5}{num('epsilon', '.3f'):>9}{num('delta', '.0e'):>9}"
+                     f"{num('target_epsilon', '.2f'):>8}{num('noise_multiplier', '.3f'):>8}{num('sample_rate', '.3f'):>8}"
+                     f"{num('steps', 'd'):>7}{s['rounds']:>7}  {p.get('accountant', '-') if dp else '-':<5}"
+                     f"{p.get('unit', 'patient'):<9}{best:>10}{final:>9}")
+    if report["mean_test_dice_best"] is not None:
+        lines.append(f"\nmean test Dice of the best global model: {report['mean_test_dice_best']:.4f}"
+                     + (f" (final model: {report['mean_test_dice_final']:.4f})" if report["mean_test_dice_final"] is not None else ""))
+    if report["best_model_bundle"]:
+        lines.append(f"best global model as a MONAI bundle: {report['best_model_bundle']}")
+    lines += [""] + [f"note: {n}" for n in report["notes"]]
+    return "\n".join(lines)

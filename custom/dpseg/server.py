@@ -1,0 +1,109 @@
+"""Server-side components: the bundle's model persistor and the per-round recorder.
+
+The recorder keeps, per round and site, what the site reported with its update (privacy meta,
+validation Dice, planned steps) and the wall time of each round. It
+writes ``dpseg_rounds.json`` into the server's run folder, which ``dpseg report`` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from nvflare.apis.dxo import MetaKey, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_component import FLComponent
+from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+
+from dpseg.bundle import Bundle
+
+ROUNDS_FILE = "dpseg_rounds.json"
+BUNDLE_OUT = "bundle"
+
+
+class BundlePersistor(PTFileModelPersistor):
+    """PyTorch persistor whose network is the bundle's; writes the best global model as a bundle.
+
+    When NVFlare reports a new best global model (by the sites' validation Dice), a complete copy
+    of the bundle is written to ``<server run folder>/bundle/<name>/`` with that model as
+    ``models/model.pt`` (a plain state dict, loadable by monai.bundle and MONAI Label).
+    """
+
+    def __init__(self, **kwargs):
+        self.bundle = Bundle()
+        super().__init__(model=self.bundle.network(), **kwargs)
+
+    def handle_event(self, event: str, fl_ctx: FLContext):
+        super().handle_event(event, fl_ctx)
+        if event == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
+            self._write_bundle(fl_ctx)
+
+    def _write_bundle(self, fl_ctx: FLContext) -> None:
+        best = torch.load(self._best_ckpt_save_path, map_location="cpu", weights_only=True)
+        state = best.get("model", best)
+        out = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / BUNDLE_OUT / self.bundle.root.name
+        if not out.exists():
+            shutil.copytree(self.bundle.root, out, ignore=shutil.ignore_patterns("model.pt", "model.ts", "eval"))
+        network = self.bundle.network()
+        network.load_state_dict(state, strict=True)  # fails loudly on any key mismatch
+        tmp = out / "models" / "model.pt.tmp"
+        torch.save(network.state_dict(), tmp)
+        tmp.replace(out / "models" / "model.pt")
+        self.log_info(fl_ctx, f"best global model written to {out / 'models' / 'model.pt'}")
+
+
+class RoundRecorder(FLComponent):
+    """Records each round's accepted contributions (privacy meta, validation Dice) and wall time."""
+
+    def __init__(self):
+        super().__init__()
+        self.rounds: dict[int, dict] = {}
+        self.path: Path | None = None
+
+    def _round(self, fl_ctx: FLContext) -> dict:
+        r = int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND) or 0)
+        return self.rounds.setdefault(r, {"round": r, "sites": {}})
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            self.path = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / ROUNDS_FILE
+        elif event_type == AppEventType.ROUND_STARTED:
+            self._round(fl_ctx)["started"] = time.time()
+        elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
+            self._contribution(fl_ctx)
+        elif event_type == AppEventType.ROUND_DONE:
+            rec = self._round(fl_ctx)
+            rec["seconds"] = time.time() - rec.get("started", time.time())
+            self._save()
+        elif event_type == EventType.END_RUN:
+            self._save()
+
+    def _contribution(self, fl_ctx: FLContext) -> None:
+        result = fl_ctx.get_prop(AppConstants.TRAINING_RESULT)
+        if result is None:
+            return
+        site = result.get_peer_prop(ReservedKey.IDENTITY_NAME, "?")
+        rec = self._round(fl_ctx)
+        try:
+            dxo = from_shareable(result)
+        except ValueError:
+            return
+        rec["sites"][site] = {
+            "privacy": dxo.get_meta_prop("privacy"),
+            "metrics": dxo.get_meta_prop(MetaKey.INITIAL_METRICS),
+            "steps": dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),
+            "train_seconds": dxo.get_meta_prop("train_seconds"),
+        }
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.write_text(json.dumps([self.rounds[k] for k in sorted(self.rounds)], indent=1) + "\n")

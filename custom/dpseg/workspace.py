@@ -1,0 +1,40 @@
+"""NVFlare workspace preparation: allow the installed ``dpseg`` components.
+
+NVFlare builds only component classes on a site's class allow-list (``class_allow_list`` in the
+site's ``local/resources.json``); jobs that bring no code (no BYOC) may use nothing else. Sites
+install this package and add the prefix ``dpseg.`` to that list, keeping NVFlare's own entries.
+The same applies to a simulator workspace, whose ``local/`` folder NVFlare copies to every
+simulated site and to the server.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
+
+ALLOW_PREFIX = "dpseg."
+
+
+def allow_dpseg(workspace: Path) -> Path:
+    """Write ``<workspace>/local/resources.json`` with ``dpseg.`` on the class allow-list.
+
+    Existing settings of ``resources.json`` (or else ``resources.json.default``) are kept.
+    """
+    local = Path(workspace) / "local"
+    local.mkdir(parents=True, exist_ok=True)
+    target = local / "resources.json"
+    source = target if target.exists() else local / "resources.json.default"
+    resources = {}
+    if source.exists():
+        try:
+            resources = json.loads(source.read_text())
+        except ValueError as err:
+            raise ValueError(f"{source} is not valid JSON: {err}") from None
+    allow = list(resources.get("class_allow_list", DEFAULT_CLASS_ALLOW_LIST))
+    if ALLOW_PREFIX not in allow:
+        allow.append(ALLOW_PREFIX)
+    resources["class_allow_list"] = allow
+    target.write_text(json.dumps(resources, indent=2) + "\n")
+    return target

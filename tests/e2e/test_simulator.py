@@ -1,0 +1,88 @@
+"""Short end-to-end runs of the real NVFlare simulator: 2 sites, 2 rounds, tiny cohort."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from dpseg.bundle import Bundle
+from dpseg.report import build_report
+from dpseg.workspace import allow_dpseg
+
+
+def prepare_job(name: str, dest: Path, rounds: int, **client_args) -> Path:
+    """A copy of jobs/<name> with fewer rounds and other client arguments (the job JSON's variables)."""
+    job = dest / name
+    shutil.copytree(REPO / "jobs" / name, job)
+    server = job / "app" / "config" / "config_fed_server.json"
+    cfg = json.loads(server.read_text())
+    cfg["num_rounds"] = rounds
+    server.write_text(json.dumps(cfg, indent=1))
+    client = job / "app" / "config" / "config_fed_client.json"
+    cfg = json.loads(client.read_text())
+    cfg.update(client_args)
+    client.write_text(json.dumps(cfg, indent=1))
+    return job
+
+
+def run_simulator(job: Path, workspace: Path, env: dict, sites: int = 2) -> subprocess.CompletedProcess:
+    allow_dpseg(workspace)
+    nvflare = Path(sys.executable).parent / "nvflare"
+    return subprocess.run([str(nvflare), "simulator", str(job), "-w", str(workspace), "-n", str(sites), "-t", str(sites)],
+                          capture_output=True, text=True, timeout=900, env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("name", ["fed_dp", "fed"])
+def test_two_sites_two_rounds_report_and_bundle(cohort, tmp_path, name):
+    job = prepare_job(name, tmp_path, rounds=2, batch_size=2, local_epochs=1.0)
+    ws = tmp_path / "ws"
+    env = {"DPSEG_DATA_ROOT": str(cohort), "DPSEG_TOTAL_EPSILON": "20",
+           "DPSEG_LEDGER": str(tmp_path / "ledgers" / "{site}.json")}
+    result = run_simulator(job, ws, env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = build_report(ws)
+    assert report["rounds"] == 2 and len(report["round_seconds"]) == 2
+    assert set(report["sites"]) == {"site-1", "site-2"}
+    for site, entry in report["sites"].items():
+        assert entry["rounds"] == 2
+        assert 0.0 <= entry["test_dice_best"] <= 1.0 and entry["test_patients"] == 1
+        p = entry["privacy"]
+        assert p["unit"] == "patient"
+        if name == "fed":
+            assert p["dp"] is False
+            assert not (tmp_path / "ledgers" / f"{site}.json").exists()
+            continue
+        assert p["dp"] is True and p["accountant"] == "prv" and p["delta"] == 1e-5
+        assert p["steps"] == p["planned_steps"] == 2 * 2  # 2 rounds x ceil(4 patients / 2)
+        assert 0 < p["epsilon"] <= p["target_epsilon"] == 8.0
+        assert p["noise_multiplier"] > 0 and p["sample_rate"] == pytest.approx(2 / 4)
+        ledger = json.loads((tmp_path / "ledgers" / f"{site}.json").read_text())
+        (job_entry,) = ledger["jobs"].values()
+        assert job_entry["spent_epsilon"] == pytest.approx(p["epsilon"]) and job_entry["steps"] == 4
+    # the best global model, written back as a bundle with plain state-dict keys
+    bundle_dir = Path(report["best_model_bundle"])
+    state = torch.load(bundle_dir / "models" / "model.pt", weights_only=True)
+    assert not any(k.startswith("_module.") for k in state)
+    bundle = Bundle(bundle_dir)
+    bundle.load_weights(bundle.network())
+    text = run_cli("report", str(ws))
+    assert text.returncode == 0 and "epsilon" in text.stdout and "site-2" in text.stdout
+    assert json.loads((ws / "dpseg_report.json").read_text())["rounds"] == 2
+    assert str(cohort) not in (ws / "dpseg_report.json").read_text()  # no site paths in the report
+
+
+def test_fed_and_fed_dp_differ_only_in_dp():
+    def configs(name):
+        base = REPO / "jobs" / name / "app" / "config"
+        return (json.loads((base / "config_fed_server.json").read_text()),
+                json.loads((base / "config_fed_client.json").read_text()))
+    (s_dp, c_dp), (s, c) = configs("fed_dp"), configs("fed")
+    assert s_dp == s
+    assert c_dp["dp"] is True and c["dp"] is False
+    assert {k: v for k, v in c_dp.items() if k != "dp"} == {k: v for k, v in c.items() if k != "dp"}

@@ -1,0 +1,95 @@
+import json
+
+import pytest
+
+from dpseg.privacy import Accountant, Ledger, PrivacyError, calibrate
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_calibration_reaches_but_never_exceeds_the_target(accountant):
+    s = calibrate(8.0, 1e-5, 1.0, 16, 84, 300, accountant)
+    eps = Accountant(s).epsilon_after(300)
+    assert eps <= 8.0
+    assert eps > 8.0 * 0.98  # close to the target, not wastefully noisy
+    assert s.sample_rate == pytest.approx(16 / 84)
+
+
+def test_smaller_epsilon_needs_more_noise():
+    sigmas = [calibrate(eps, 1e-5, 1.0, 16, 84, 100).noise_multiplier for eps in (8.0, 3.0, 1.0)]
+    assert sigmas[0] < sigmas[1] < sigmas[2]
+
+
+def test_accountant_continues_across_rounds_and_restarts():
+    s = calibrate(8.0, 1e-5, 1.0, 16, 84, 60)
+    acc = Accountant(s)
+    seen = []
+    for _ in range(3):  # three rounds of 20 steps, saved and restored in between
+        acc.step(20)
+        seen.append(acc.epsilon())
+        acc = Accountant.from_state(json.loads(json.dumps(acc.state())))
+    assert seen[0] < seen[1] < seen[2] <= 8.0
+    assert seen[2] == pytest.approx(Accountant(s).epsilon_after(60))
+    assert acc.steps == 60
+    with pytest.raises(PrivacyError, match="planned 60 steps"):
+        acc.step(1)
+
+
+def test_calibration_refuses_unsafe_settings():
+    with pytest.raises(PrivacyError, match="delta"):
+        calibrate(8.0, 0.05, 1.0, 4, 40, 10)
+    with pytest.raises(PrivacyError, match="batch_size"):
+        calibrate(8.0, 1e-5, 1.0, 50, 40, 10)
+    with pytest.raises(PrivacyError, match="accountant"):
+        calibrate(8.0, 1e-5, 1.0, 4, 40, 10, "gdp")
+
+
+def test_settings_cannot_change_after_calibration():
+    s = calibrate(8.0, 1e-5, 1.0, 16, 84, 60)
+    s.check_same(batch_size=16, max_grad_norm=1.0, noise_multiplier=s.noise_multiplier)
+    for change in ({"batch_size": 32}, {"max_grad_norm": 2.0}, {"noise_multiplier": s.noise_multiplier / 2}):
+        with pytest.raises(PrivacyError, match="refused"):
+            s.check_same(**change)
+
+
+def test_ledger_starts_at_zero_accumulates_and_refuses(tmp_path):
+    path = tmp_path / "ledger.json"
+    s = calibrate(4.0, 1e-5, 1.0, 16, 84, 30)
+    ledger = Ledger.open(path, total_epsilon=10.0)
+    assert ledger.committed() == 0.0 and not path.exists()
+    ledger.reserve("job-a", s)
+    ledger.record("job-a", 3.9, 30)
+    ledger = Ledger.open(path, total_epsilon=10.0)  # a second job, later
+    ledger.reserve("job-b", s)
+    assert ledger.committed() == pytest.approx(8.0)
+    assert ledger.spent()[0] == pytest.approx(3.9)
+    third = Ledger.open(path, total_epsilon=10.0)
+    with pytest.raises(PrivacyError, match="privacy budget exceeded.*job-c needs 4.000"):
+        third.reserve("job-c", s)
+    assert "job-c" not in json.loads(path.read_text())["jobs"]
+
+
+def test_reserving_the_same_job_twice_counts_once(tmp_path):
+    s = calibrate(4.0, 1e-5, 1.0, 16, 84, 30)
+    ledger = Ledger.open(tmp_path / "l.json", 5.0)
+    ledger.reserve("job-a", s)
+    Ledger.open(tmp_path / "l.json", 5.0).reserve("job-a", s)  # a resumed job
+    assert Ledger.open(tmp_path / "l.json", 5.0).committed() == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit", "garbage"])
+def test_damaged_ledger_fails_closed_and_is_not_reset(tmp_path, damage):
+    path = tmp_path / "ledger.json"
+    ledger = Ledger.open(path, 10.0)
+    ledger.reserve("job-a", calibrate(4.0, 1e-5, 1.0, 16, 84, 30))
+    text = path.read_text()
+    if damage == "truncate":
+        bad = text[: len(text) // 2]
+    elif damage == "edit":
+        bad = text.replace('"target_epsilon": 4.0', '"target_epsilon": 0.5')
+        assert bad != text
+    else:
+        bad = "\x00\x01 not json"
+    path.write_text(bad)
+    with pytest.raises(PrivacyError, match="training stopped"):
+        Ledger.open(path, 10.0)
+    assert path.read_text() == bad
