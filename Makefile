@@ -7,8 +7,9 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 DEMO ?= demo
 export PYTHONUNBUFFERED := 1
+SHELL := /bin/bash
 
-.PHONY: install test demo clean
+.PHONY: install test demo demo-baseline bench clean
 
 install: $(STAMP)
 
@@ -22,16 +23,35 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Prepare the default synthetic cohort, check it, evaluate the shipped bundle model on every
-# site's test patients, and train the bundle briefly (standalone, non-private) as a smoke run.
+# The README's main command: the default synthetic cohort (3 sites), checked, then the federated
+# DP job in the NVFlare simulator (3 sites, 3 processes), then the privacy / utility report.
+# Site settings come from the environment, as a site's own would (see README, "Site settings").
+SITE_ENV = DPSEG_DATA_ROOT=$(abspath $(DEMO))/data DPSEG_TOTAL_EPSILON=$(SITE_BUDGET) \
+	DPSEG_LEDGER=$(abspath $(DEMO))/ledgers/{site}.json
+SITE_BUDGET ?= 20
+SIM_PROGRESS = grep --line-buffered -E "calibrated|round [0-9]+:|test Dice|ERROR|Traceback"
+
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/dpseg synth --out $(DEMO)/data --sites 3 --seed 0
 	$(BIN)/dpseg check-data $(DEMO)/data/site-1/datalist.json $(DEMO)/data/site-2/datalist.json $(DEMO)/data/site-3/datalist.json
-	$(BIN)/dpseg evaluate $(DEMO)/data/site-1/datalist.json $(DEMO)/data/site-2/datalist.json $(DEMO)/data/site-3/datalist.json --json $(DEMO)/evaluate.json
-	cd bundles/ct_liver_seg && ../../$(BIN)/python -m monai.bundle run --config_file configs/train.json \
-	    --meta_file configs/metadata.json --logging_file configs/logging.conf \
-	    --bundle_root ../../$(DEMO)/bundle_run --dataset_dir ../../$(DEMO)/data/site-1 --epochs 2 --val_interval 1
+	$(BIN)/dpseg init-workspace $(DEMO)/ws
+	set -o pipefail; $(SITE_ENV) $(BIN)/nvflare simulator jobs/fed_dp -w $(DEMO)/ws -n 3 -t 3 2>&1 \
+	    | tee $(DEMO)/simulator.log | $(SIM_PROGRESS)
+	$(BIN)/dpseg report $(DEMO)/ws
+
+# The same federation without DP (the baseline), on the data `make demo` prepared.
+demo-baseline: $(STAMP)
+	test -f $(DEMO)/data/site-1/datalist.json || $(BIN)/dpseg synth --out $(DEMO)/data --sites 3 --seed 0
+	rm -rf $(DEMO)/ws_fed
+	$(BIN)/dpseg init-workspace $(DEMO)/ws_fed
+	set -o pipefail; $(SITE_ENV) $(BIN)/nvflare simulator jobs/fed -w $(DEMO)/ws_fed -n 3 -t 3 2>&1 \
+	    | tee $(DEMO)/simulator_fed.log | $(SIM_PROGRESS)
+	$(BIN)/dpseg report $(DEMO)/ws_fed
+
+# DP vs non-DP step time of the bundle network (medians, same process) -> bench.json
+bench: $(STAMP)
+	$(BIN)/python -m dpseg.bench --json bench.json
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

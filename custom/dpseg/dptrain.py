@@ -16,7 +16,11 @@ from monai.data import CacheDataset
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from dpseg.fastdp import PerSampleGrads
 from dpseg.privacy import Accountant
+
+# "fast": dpseg.fastdp (no wasted batch weight gradient); "hooks" / "functorch": Opacus' GradSampleModule
+GRAD_SAMPLE_MODES = ("fast", "hooks", "functorch")
 
 
 class PatientSlices:
@@ -66,17 +70,24 @@ class LocalTrainer:
     """
 
     def __init__(self, network: torch.nn.Module, loss_fn, data: PatientSlices, lr: float, batch_size: int,
-                 accountant: Accountant | None = None, seed: int = 0):
+                 accountant: Accountant | None = None, seed: int = 0, grad_sample_mode: str = "fast"):
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
         self.network, self.loss_fn, self.data = network, loss_fn, data
         self.accountant = accountant
         self.sample_rate = accountant.settings.sample_rate if accountant else batch_size / len(data)
         self.sampler = torch.Generator().manual_seed(seed)
+        self.per_sample: PerSampleGrads | None = None
         base = torch.optim.Adam(network.parameters(), lr=lr)
         if accountant is None:
             self.model, self.optimizer = network, base
         else:
             s = accountant.settings
-            self.model = GradSampleModule(network, batch_first=True, loss_reduction="mean")
+            if grad_sample_mode == "fast":
+                self.model, self.per_sample = network, PerSampleGrads(network, loss_reduction="mean")
+            else:
+                self.model = GradSampleModule(network, batch_first=True, loss_reduction="mean",
+                                              force_functorch=grad_sample_mode == "functorch")
             self.optimizer = DPOptimizer(base, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
                                          expected_batch_size=s.batch_size, loss_reduction="mean",
                                          generator=torch.Generator().manual_seed(seed + 1))
@@ -88,8 +99,11 @@ class LocalTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if indices:
             x, y = self.data.batch(indices)
-            loss = self.loss_fn(self.model(x), y)
-            loss.backward()
+            if self.per_sample is not None:
+                loss = self.per_sample.backward(x, y, self.loss_fn)
+            else:
+                loss = self.loss_fn(self.model(x), y)
+                loss.backward()
             stats.loss_sum += float(loss) * len(indices)
             stats.loss_count += len(indices)
         elif self.accountant is not None:
@@ -107,16 +121,18 @@ class LocalTrainer:
         stats.empty_steps += not indices
 
     def run(self, steps: int, abort=lambda: False) -> StepStats:
+        """Run ``steps`` steps (fewer if ``abort()`` turns true); the optimiser state persists."""
         stats = StepStats()
         for _ in range(steps):
             if abort():
                 break
             self.step(stats)
-        if isinstance(self.model, GradSampleModule):
-            self.model.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         return stats
 
     def close(self) -> None:
-        """Detach Opacus' hooks so the network is a plain module again."""
+        """Detach the per-sample gradient hooks so the network is a plain module again."""
         if isinstance(self.model, GradSampleModule):
             self.model._close()
+        if self.per_sample is not None:
+            self.per_sample.close()

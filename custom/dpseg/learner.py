@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import resource
 import secrets
 import time
 from pathlib import Path
@@ -44,7 +46,21 @@ from dpseg.privacy import Accountant, Ledger, PrivacyError, calibrate
 from dpseg.site import SiteConfigError, load_site_settings
 
 ERROR_HEADER = "dpseg_error"
+THREADS_ENV = "DPSEG_TORCH_THREADS"
+SIMULATOR_JOB_ID = "simulate_job"
 ACCOUNTANT_FILE = "dpseg_accountant.json"
+
+
+def torch_threads(job_id: str) -> int | None:
+    """CPU threads for torch: ``$DPSEG_TORCH_THREADS`` if set (a site setting); in the NVFlare
+    simulator, where every site shares one machine, 1 per site; else torch's default (None)."""
+    configured = os.environ.get(THREADS_ENV)
+    if configured:
+        try:
+            return max(1, int(configured))
+        except ValueError:
+            raise SiteConfigError(f"{THREADS_ENV}={configured!r} is not an integer") from None
+    return 1 if job_id == SIMULATOR_JOB_ID else None
 
 
 class DataError(RuntimeError):
@@ -77,11 +93,14 @@ class SiteLearner(Executor):
         self.log_writer_id = log_writer_id
         self.ready = False
         self.accountant: Accountant | None = None
+        self.trainer: LocalTrainer | None = None
 
     # ----------------------------------------------------------------------------- set-up
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
             self.log_writer = fl_ctx.get_engine().get_component(self.log_writer_id)
+        elif event_type == EventType.END_RUN and self.trainer is not None:
+            self.trainer.close()
 
     def _setup(self, fl_ctx: FLContext) -> None:
         if self.ready:
@@ -89,6 +108,10 @@ class SiteLearner(Executor):
         engine = fl_ctx.get_engine()
         self.site = fl_ctx.get_identity_name()
         self.job_id = str(fl_ctx.get_job_id())
+        threads = torch_threads(self.job_id)
+        if threads:
+            torch.set_num_threads(threads)
+        self.log_info(fl_ctx, f"torch uses {torch.get_num_threads()} CPU threads at {self.site}")
         workspace = engine.get_workspace()
         self.app_dir = Path(workspace.get_app_dir(self.job_id))
         root = Path(workspace.get_root_dir())
@@ -170,13 +193,13 @@ class SiteLearner(Executor):
                 self._start_privacy(num_rounds, fl_ctx)
             self.accountant.settings.check_same(**(dxo.get_meta_prop("privacy") or {}))
         start = time.perf_counter()
-        trainer = LocalTrainer(self.network, self.loss_fn, self.data, self.learning_rate, self.batch_size,
-                               self.accountant if self.dp else None,
-                               seed=self.seed * 100003 + current_round if not self.dp else secrets.randbits(62))
+        if self.trainer is None:  # one local optimiser per job: its state carries across rounds
+            self.trainer = LocalTrainer(self.network, self.loss_fn, self.data, self.learning_rate, self.batch_size,
+                                        self.accountant if self.dp else None,
+                                        seed=secrets.randbits(62) if self.dp else self.seed)
         try:
-            stats = trainer.run(self.local_steps, abort=lambda: abort_signal.triggered)
+            stats = self.trainer.run(self.local_steps, abort=lambda: abort_signal.triggered)
         finally:
-            trainer.close()
             if self.dp:
                 self._save_privacy_state()
         if abort_signal.triggered:
@@ -185,10 +208,11 @@ class SiteLearner(Executor):
         new_state = self.network.state_dict()
         diff = {k: (new_state[k] - global_state[k]).numpy() for k in global_state}
         meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: self.local_steps, MetaKey.INITIAL_METRICS: val,
-                "train_seconds": seconds, "privacy": self._privacy_meta()}
+                "train_seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "privacy": self._privacy_meta()}
+        spent = f"epsilon {meta['privacy']['epsilon']:.3f}" if self.dp else "no DP"
         self.log_info(fl_ctx, f"round {current_round}: {stats.steps} steps in {seconds:.1f} s, local train loss "
-                              f"{stats.mean_loss:.4f} (kept at the site), val Dice {val['val_dice']:.4f}, "
-                              f"epsilon {meta['privacy'].get('epsilon', 0):.3f}")
+                              f"{stats.mean_loss:.4f} (kept at the site), val Dice {val['val_dice']:.4f}, {spent}")
         self._track(current_round, val, meta["privacy"])
         return DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
 

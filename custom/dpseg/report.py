@@ -41,6 +41,8 @@ def build_report(workspace: Path) -> dict:
             entry["rounds"] += 1
             entry["privacy"] = contrib.get("privacy")
             entry["val_dice"] = (contrib.get("metrics") or {}).get("val_dice")
+            entry["peak_rss_mb"] = max(entry.get("peak_rss_mb") or 0, contrib.get("peak_rss_mb") or 0)
+            entry["train_seconds"] = entry.get("train_seconds", 0) + (contrib.get("train_seconds") or 0)
     cross = run / "cross_site_val" / "cross_val_results.json"
     test = json.loads(cross.read_text()) if cross.exists() else {}
     for site, models in test.items():
@@ -75,7 +77,7 @@ def format_report(report: dict) -> str:
     lines = [f"run: {report['run_dir']}", f"rounds: {report['rounds']}; wall time per round (s): "
              + ", ".join(f"{s:.1f}" for s in report["round_seconds"]), ""]
     head = f"{'site':<10}{'DP':<5}{'epsilon':>9}{'delta':>9}{'target':>8}{'sigma':>8}{'q':>8}{'steps':>7}" \
-           f"{'rounds':>7}  {'acct':<5}{'unit':<9}{'test Dice':>10}{'(final)':>9}"
+           f"{'rounds':>7}  {'acct':<5}{'unit':<9}{'test Dice':>10}{'(final)':>9}{'train s':>9}{'peak MB':>9}"
     lines += [head, "-" * len(head)]
     for site, s in report["sites"].items():
         p = s.get("privacy") or {}
@@ -89,7 +91,8 @@ def format_report(report: dict) -> str:
         lines.append(f"{site:<10}{'yes' if dp else 'no':<5}{num('epsilon', '.3f'):>9}{num('delta', '.0e'):>9}"
                      f"{num('target_epsilon', '.2f'):>8}{num('noise_multiplier', '.3f'):>8}{num('sample_rate', '.3f'):>8}"
                      f"{num('steps', 'd'):>7}{s['rounds']:>7}  {p.get('accountant', '-') if dp else '-':<5}"
-                     f"{p.get('unit', 'patient'):<9}{best:>10}{final:>9}")
+                     f"{p.get('unit', 'patient'):<9}{best:>10}{final:>9}{s.get('train_seconds', 0):>9.0f}"
+                     f"{s.get('peak_rss_mb') or 0:>9.0f}")
     if report["mean_test_dice_best"] is not None:
         lines.append(f"\nmean test Dice of the best global model: {report['mean_test_dice_best']:.4f}"
                      + (f" (final model: {report['mean_test_dice_final']:.4f})" if report["mean_test_dice_final"] is not None else ""))

@@ -101,6 +101,7 @@ class RoundRecorder(FLComponent):
             "metrics": dxo.get_meta_prop(MetaKey.INITIAL_METRICS),
             "steps": dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),
             "train_seconds": dxo.get_meta_prop("train_seconds"),
+            "peak_rss_mb": dxo.get_meta_prop("peak_rss_mb"),
         }
 
     def _save(self) -> None:
