@@ -60,3 +60,4 @@ def test_dp_training_keeps_plain_state_dict_keys(bundle, cohort):
 def test_step_stats_mean_loss():
     s = StepStats(loss_sum=3.0, loss_count=2)
     assert s.mean_loss == 1.5
+

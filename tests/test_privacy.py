@@ -49,6 +49,8 @@ def test_settings_cannot_change_after_calibration():
     for change in ({"batch_size": 32}, {"max_grad_norm": 2.0}, {"noise_multiplier": s.noise_multiplier / 2}):
         with pytest.raises(PrivacyError, match="refused"):
             s.check_same(**change)
+    with pytest.raises(PrivacyError, match="unknown privacy setting"):
+        s.check_same(sigma_override=0.0)
 
 
 def test_ledger_starts_at_zero_accumulates_and_refuses(tmp_path):

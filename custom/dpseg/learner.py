@@ -248,7 +248,7 @@ class SiteLearner(Executor):
         network.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in dxo.data.items()}, strict=True)
         result = evaluate(self.settings.datalist, self.bundle, network, "test")
         metrics = {"test_dice": result["mean_dice"], "test_patients": result["patients"]}
-        self.log_info(fl_ctx, f"test Dice of model from {shareable.get_header('model_owner')}: {result['mean_dice']:.4f}")
+        self.log_info(fl_ctx, f"test Dice of model from {shareable.get_header(AppConstants.MODEL_OWNER)}: {result['mean_dice']:.4f}")
         return DXO(DataKind.METRICS, data=metrics).to_shareable()
 
     def _track(self, current_round: int, val: dict, privacy: dict) -> None:

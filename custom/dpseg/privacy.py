@@ -48,6 +48,8 @@ class PrivacySettings:
     def check_same(self, **requested) -> None:
         """Refuse any change of a privacy-relevant setting after calibration."""
         for key, value in requested.items():
+            if key not in self.__dataclass_fields__:
+                raise PrivacyError(f"unknown privacy setting {key!r} in the server's request: refused")
             if value is None:
                 continue
             mine = getattr(self, key)
