@@ -34,29 +34,26 @@ def _step_fn(bundle: Bundle, mode: str, batch_size: int):
     """(step function, module) for one mode: 'plain' (no DP) or an Opacus grad_sample_mode."""
     net, loss_fn = bundle.network(), bundle.loss()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x, y = _batch(bundle, batch_size)
+    per_sample = None
     if mode == "plain":
         model = net
-    elif mode == "fast":
-        per_sample = PerSampleGrads(net, loss_reduction="mean")
-        opt = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch_size,
-                          loss_reduction="mean", generator=torch.Generator().manual_seed(1))
-        x, y = _batch(bundle, batch_size)
-
-        def fast_step():
-            opt.zero_grad(set_to_none=True)
-            per_sample.backward(x, y, loss_fn)
-            opt.step()
-        return fast_step
     else:
-        model = GradSampleModule(net, batch_first=True, loss_reduction="mean", force_functorch=(mode == "functorch")) \
-            if mode != "ew" else _expanded_weights(net, batch_size)
         opt = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch_size,
                           loss_reduction="mean", generator=torch.Generator().manual_seed(1))
-    x, y = _batch(bundle, batch_size)
+        if mode == "fast":
+            per_sample = PerSampleGrads(net, loss_reduction="mean")
+        elif mode == "ew":
+            model = _expanded_weights(net, batch_size)
+        else:
+            model = GradSampleModule(net, batch_first=True, loss_reduction="mean", force_functorch=(mode == "functorch"))
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        if per_sample is not None:
+            per_sample.backward(x, y, loss_fn)
+        else:
+            loss_fn(model(x), y).backward()
         opt.step()
     return step
 
