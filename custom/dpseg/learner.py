@@ -165,21 +165,25 @@ class SiteLearner(Executor):
         self.network.load_state_dict(state, strict=True)
 
     def _start_privacy(self, num_rounds: int, fl_ctx: FLContext) -> None:
-        """Calibrate once for all the job's steps, enter the job in the ledger, or resume."""
+        """Calibrate once for all the job's steps (or resume), then enter the job in the ledger.
+
+        Nothing is kept unless the ledger accepts the job, so a refused site stays refused in
+        every later round of the job.
+        """
         saved = self.app_dir / ACCOUNTANT_FILE
         ledger = Ledger.open(self.settings.ledger, self.settings.total_epsilon)
         if saved.exists():
-            self.accountant = Accountant.from_state(json.loads(saved.read_text()))
-            self.log_info(fl_ctx, f"resumed accountant: {self.accountant.steps} steps, epsilon {self.accountant.epsilon():.3f}")
+            accountant = Accountant.from_state(json.loads(saved.read_text()))
+            message = f"resumed accountant: {accountant.steps} steps, epsilon {accountant.epsilon():.3f}"
         else:
-            settings = calibrate(self.target_epsilon, self.delta, self.max_grad_norm, self.batch_size,
-                                 len(self.train_items), num_rounds * self.local_steps, self.accountant_name)
-            self.accountant = Accountant(settings)
-            self.log_info(fl_ctx, f"calibrated noise multiplier {settings.noise_multiplier:.4f} for epsilon "
-                                  f"{settings.target_epsilon} at delta {settings.delta} over {settings.steps} steps "
-                                  f"(sample rate {settings.sample_rate:.4f}, accountant {settings.accountant})")
-        ledger.reserve(self.job_id, self.accountant.settings)
-        self.ledger = ledger
+            s = calibrate(self.target_epsilon, self.delta, self.max_grad_norm, self.batch_size,
+                          len(self.train_items), num_rounds * self.local_steps, self.accountant_name)
+            accountant = Accountant(s)
+            message = (f"calibrated noise multiplier {s.noise_multiplier:.4f} for epsilon {s.target_epsilon} at "
+                       f"delta {s.delta} over {s.steps} steps (sample rate {s.sample_rate:.4f}, accountant {s.accountant})")
+        ledger.reserve(self.job_id, accountant.settings)
+        self.accountant, self.ledger = accountant, ledger
+        self.log_info(fl_ctx, message)
 
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         dxo = from_shareable(shareable)
