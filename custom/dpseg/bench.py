@@ -14,11 +14,10 @@ import statistics
 import time
 
 import torch
-from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
 from dpseg.bundle import Bundle
-from dpseg.fastdp import PerSampleGrads
+from dpseg.dptrain import make_private
 
 DP_MODES = ("fast", "hooks", "functorch", "ew")  # "fast": dpseg.fastdp, the default
 
@@ -31,22 +30,17 @@ def _batch(bundle: Bundle, batch_size: int, seed: int = 0):
 
 
 def _step_fn(bundle: Bundle, mode: str, batch_size: int):
-    """(step function, module) for one mode: 'plain' (no DP) or an Opacus grad_sample_mode."""
+    """A step function for one mode: 'plain' (no DP), a dptrain.GRAD_SAMPLE_MODES mode, or Opacus' 'ew'."""
     net, loss_fn = bundle.network(), bundle.loss()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     x, y = _batch(bundle, batch_size)
-    per_sample = None
-    if mode == "plain":
-        model = net
-    else:
+    per_sample, model = None, net
+    if mode == "ew":
         opt = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch_size,
                           loss_reduction="mean", generator=torch.Generator().manual_seed(1))
-        if mode == "fast":
-            per_sample = PerSampleGrads(net, loss_reduction="mean")
-        elif mode == "ew":
-            model = _expanded_weights(net, batch_size)
-        else:
-            model = GradSampleModule(net, batch_first=True, loss_reduction="mean", force_functorch=(mode == "functorch"))
+        model = _expanded_weights(net, batch_size)
+    elif mode != "plain":
+        model, per_sample, opt = make_private(net, opt, mode, 1.0, 1.0, batch_size, torch.Generator().manual_seed(1))
 
     def step():
         opt.zero_grad(set_to_none=True)

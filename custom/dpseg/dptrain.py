@@ -23,6 +23,25 @@ from dpseg.privacy import Accountant
 GRAD_SAMPLE_MODES = ("fast", "hooks", "functorch")
 
 
+def make_private(network: torch.nn.Module, optimizer: torch.optim.Optimizer, mode: str, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch_size: int, generator: torch.Generator):
+    """Wrap a network and its optimiser for DP-SGD: (model to call, PerSampleGrads or None, DPOptimizer).
+
+    ``mode`` is one of GRAD_SAMPLE_MODES; with "fast" the network itself is called and
+    ``PerSampleGrads.backward`` fills the per-sample gradients.
+    """
+    if mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}")
+    per_sample, model = None, network
+    if mode == "fast":
+        per_sample = PerSampleGrads(network, loss_reduction="mean")
+    else:
+        model = GradSampleModule(network, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
+    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                               expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator)
+    return model, per_sample, dp_optimizer
+
+
 class PatientSlices:
     """A site's patients as a dataset: ``batch(indices)`` gives one random slice per patient.
 
@@ -71,7 +90,7 @@ class LocalTrainer:
 
     def __init__(self, network: torch.nn.Module, loss_fn, data: PatientSlices, lr: float, batch_size: int,
                  accountant: Accountant | None = None, seed: int = 0, grad_sample_mode: str = "fast"):
-        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:  # also without DP: a typo must not pass silently
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
         self.network, self.loss_fn, self.data = network, loss_fn, data
         self.accountant = accountant
@@ -83,14 +102,9 @@ class LocalTrainer:
             self.model, self.optimizer = network, base
         else:
             s = accountant.settings
-            if grad_sample_mode == "fast":
-                self.model, self.per_sample = network, PerSampleGrads(network, loss_reduction="mean")
-            else:
-                self.model = GradSampleModule(network, batch_first=True, loss_reduction="mean",
-                                              force_functorch=grad_sample_mode == "functorch")
-            self.optimizer = DPOptimizer(base, noise_multiplier=s.noise_multiplier, max_grad_norm=s.max_grad_norm,
-                                         expected_batch_size=s.batch_size, loss_reduction="mean",
-                                         generator=torch.Generator().manual_seed(seed + 1))
+            self.model, self.per_sample, self.optimizer = make_private(
+                network, base, grad_sample_mode, s.noise_multiplier, s.max_grad_norm, s.batch_size,
+                torch.Generator().manual_seed(seed + 1))
 
     def step(self, stats: StepStats) -> None:
         """One optimizer step on a fresh Poisson sample of patients."""

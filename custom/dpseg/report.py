@@ -31,13 +31,17 @@ def find_run_dir(workspace: Path) -> Path:
     return found[-1].parent
 
 
+def _new_site() -> dict:
+    return {"rounds": 0, "privacy": None, "val_dice": None}
+
+
 def build_report(workspace: Path) -> dict:
     run = find_run_dir(workspace)
     rounds = json.loads((run / ROUNDS_FILE).read_text())
     sites: dict[str, dict] = {}
     for rec in rounds:
         for site, contrib in rec["sites"].items():
-            entry = sites.setdefault(site, {"rounds": 0, "privacy": None, "val_dice": None})
+            entry = sites.setdefault(site, _new_site())
             entry["rounds"] += 1
             entry["privacy"] = contrib.get("privacy")
             entry["val_dice"] = (contrib.get("metrics") or {}).get("val_dice")
@@ -46,7 +50,7 @@ def build_report(workspace: Path) -> dict:
     cross = run / "cross_site_val" / "cross_val_results.json"
     test = json.loads(cross.read_text()) if cross.exists() else {}
     for site, models in test.items():
-        entry = sites.setdefault(site, {"rounds": 0, "privacy": None, "val_dice": None})
+        entry = sites.setdefault(site, _new_site())
         entry["test_dice_best"] = (models.get(BEST_MODEL) or {}).get("test_dice")
         entry["test_dice_final"] = (models.get(FINAL_MODEL) or {}).get("test_dice")
         entry["test_patients"] = (models.get(BEST_MODEL) or models.get(FINAL_MODEL) or {}).get("test_patients")
