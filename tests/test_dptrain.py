@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dpseg.datalist import resolve
@@ -61,3 +62,31 @@ def test_step_stats_mean_loss():
     s = StepStats(loss_sum=3.0, loss_count=2)
     assert s.mean_loss == 1.5
 
+
+
+def test_fixed_sampling_is_refused_with_dp_and_records_exact_batches_without(bundle, cohort):
+    data = _data(bundle, cohort)
+    acc = Accountant(calibrate(8.0, 1e-5, 1.0, 1, 4, 2))
+    with pytest.raises(ValueError, match="Poisson"):
+        LocalTrainer(bundle.network(), bundle.loss(), data, 1e-3, 1, acc, sampling="fixed")
+    trainer = LocalTrainer(bundle.network(), bundle.loss(), data, 0.01, 1, None, seed=0, sampling="fixed",
+                           record=True)
+    stats = trainer.run(2)
+    assert stats.samples == 2 and len(trainer.batches) == 2
+    for batch in trainer.batches:
+        assert len(batch["patients"]) == 1 and type(batch["images"]) is torch.Tensor  # plain tensors
+        assert batch["images"].shape == (1, 1, 128, 128) and batch["labels"].shape == (1, 1, 128, 128)
+    # SGD: one step's update is exactly -lr * the gradient of the recorded batch
+    net = bundle.network()
+    start = {k: v.detach().clone() for k, v in net.named_parameters()}
+    trainer = LocalTrainer(net, bundle.loss(), data, 0.01, 1, None, seed=3, optimizer="sgd", sampling="fixed",
+                           record=True)
+    trainer.run(1)
+    replay = bundle.network()
+    replay.load_state_dict({**replay.state_dict(), **start})
+    batch = trainer.batches[0]
+    bundle.loss()(replay(batch["images"]), batch["labels"]).backward()
+    for name, p in replay.named_parameters():
+        assert torch.allclose(net.state_dict()[name] - start[name], -0.01 * p.grad, atol=1e-7), name
+    with pytest.raises(ValueError, match="optimizer"):
+        LocalTrainer(bundle.network(), bundle.loss(), data, 1e-3, 1, None, optimizer="rmsprop")

@@ -95,3 +95,18 @@ def test_damaged_ledger_fails_closed_and_is_not_reset(tmp_path, damage):
     with pytest.raises(PrivacyError, match="training stopped"):
         Ledger.open(path, 10.0)
     assert path.read_text() == bad
+
+
+def test_reconstruction_bounds():
+    from dpseg.privacy import reconstruction_bound_eps_delta, reconstruction_bound_gdp
+
+    chance = 1 / 1000
+    assert reconstruction_bound_eps_delta(0.0, 0.0, chance) == pytest.approx(chance)
+    assert reconstruction_bound_eps_delta(1.0, 1e-5, chance) == pytest.approx(2.718281828 * chance + 1e-5)
+    assert reconstruction_bound_eps_delta(8.0, 1e-5, chance) == 1.0  # vacuous at epsilon 8 for 1000 slices
+    # GDP: more noise -> closer to chance; no noise -> 1; more steps -> larger
+    strong = reconstruction_bound_gdp(10.0, 0.02, 100, chance)
+    weak = reconstruction_bound_gdp(0.8, 0.02, 100, chance)
+    assert chance < strong < weak < 1.0
+    assert reconstruction_bound_gdp(0.01, 0.5, 1, chance) == 1.0
+    assert reconstruction_bound_gdp(0.8, 0.02, 400, chance) > weak

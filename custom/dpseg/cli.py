@@ -105,6 +105,62 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_torch(path: str, what: str):
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise SystemExit(f"error: cannot read {what} {path}: {err}")
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Attack one saved update outside NVFlare and score it against the site's true batch."""
+    from dpseg.auditor import Cohort, audit_update
+    from dpseg.bundle import Bundle
+    from dpseg.datalist import resolve
+    from dpseg.inversion import AttackSettings
+
+    record = _load_torch(args.update, "update")
+    meta = {}
+    if isinstance(record, dict) and "update" in record:  # an intercepted update (server's audit folder)
+        update, global_state, meta = record["update"], record.get("global"), record.get("meta") or {}
+    else:
+        update, global_state = record, None
+    if args.model:
+        global_state = _load_torch(args.model, "model")
+    if global_state is None:
+        print("error: --model is required unless --update is an intercepted update with its global model",
+              file=sys.stderr)
+        return 2
+    data = _load_torch(args.data, "data")
+    batch = data[args.step] if isinstance(data, list) else data
+    if not batch.get("patients", [0]) or "images" not in batch:
+        print(f"error: {args.data} holds no image for step {args.step} (an empty Poisson sample?)", file=sys.stderr)
+        return 2
+    training = meta.get("training") or {}
+    settings = AttackSettings(iterations=args.iterations, restarts=args.restarts, label=args.label,
+                              simulate=args.simulate, seed=args.seed,
+                              local_steps=args.local_steps or int(training.get("local_steps", 1)),
+                              local_lr=args.local_lr or float(training.get("learning_rate", 1.0)),
+                              batch_size=args.batch_size or max(1, round(float(training.get("batch_size", 1)))))
+    bundle = Bundle()
+    network = bundle.network()
+    network.load_state_dict(global_state, strict=True)
+    cohort, truth_index = None, None
+    if args.datalist:
+        print(f"loading the training slices of {args.datalist} for identification", flush=True)
+        cohort = Cohort(resolve(Path(args.datalist), "training"), bundle.volume_transforms())
+        truth_index = [cohort.locate(img[0].numpy(), p) for img, p in zip(batch["images"], batch["patients"])]
+    metrics = audit_update(network, bundle.loss(), update, settings, batch["images"], batch["labels"], cohort,
+                           truth_index, meta.get("privacy"), Path(args.out) if args.out else None,
+                           progress=lambda m: print(m, flush=True))
+    print(json.dumps(metrics, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=1) + "\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpseg", description=(
         "Federated CT liver segmentation with patient-level differential privacy."))
@@ -144,6 +200,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", help="bundle folder (default: the installed bundle)")
     p.add_argument("--json", help="also write the per-patient results to this JSON file")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("audit", help="gradient-inversion attack on one saved update, scored against the true batch")
+    p.add_argument("--update", required=True, help="intercepted update (server's intercepted/*.pt) or a weight-difference state dict")
+    p.add_argument("--model", help="global model state dict the update was computed from (else taken from --update)")
+    p.add_argument("--data", required=True, help="the site's training batches of that round (audit/batches_round<r>.pt) "
+                                                 "or a dict with images, labels (T, 1, H, W)")
+    p.add_argument("--step", type=int, default=0, help="which local step's batch to score (default 0)")
+    p.add_argument("--datalist", help="the site's datalist: identify the reconstruction among all its training slices")
+    p.add_argument("--out", help="folder for the reconstruction, the truth and comparison.png")
+    p.add_argument("--json", help="also write the metrics to this JSON file")
+    p.add_argument("--iterations", type=int, default=1000)
+    p.add_argument("--restarts", type=int, default=2)
+    p.add_argument("--label", choices=["known", "joint"], default="known")
+    p.add_argument("--simulate", choices=["single", "unroll"], default="single")
+    p.add_argument("--local-steps", type=int, help="the site's local steps (default: from the update's meta, else 1)")
+    p.add_argument("--local-lr", type=float, help="the site's learning rate (default: from the update's meta)")
+    p.add_argument("--batch-size", type=int, help="images to reconstruct for --label joint (default: from the meta, else 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_audit)
     return parser
 
 

@@ -21,6 +21,10 @@ from dpseg.privacy import Accountant
 
 # "fast": dpseg.fastdp (no wasted batch weight gradient); "hooks" / "functorch": Opacus' GradSampleModule
 GRAD_SAMPLE_MODES = ("fast", "hooks", "functorch")
+OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+# "poisson": each patient independently with the sample rate (what the DP analysis assumes);
+# "fixed": exactly batch_size distinct patients per step (non-DP audits only: one known slice per update)
+SAMPLINGS = ("poisson", "fixed")
 
 
 def make_private(network: torch.nn.Module, optimizer: torch.optim.Optimizer, mode: str, noise_multiplier: float,
@@ -68,6 +72,11 @@ def poisson_sample(n: int, rate: float, generator: torch.Generator) -> list[int]
     return torch.nonzero(torch.rand(n, generator=generator) < rate).flatten().tolist()
 
 
+def fixed_sample(n: int, size: int, generator: torch.Generator) -> list[int]:
+    """Indices of ``min(size, n)`` distinct items drawn uniformly (not a DP sampler)."""
+    return sorted(torch.randperm(n, generator=generator)[:size].tolist())
+
+
 @dataclass
 class StepStats:
     steps: int = 0
@@ -86,18 +95,30 @@ class LocalTrainer:
 
     Without DP, batches are Poisson samples of the same expected size, so the two modes differ
     only by clipping and noise. The network keeps plain state-dict keys throughout.
+    ``optimizer``: "adam" (default) or "sgd"; ``sampling``: "poisson" (default; the only one
+    allowed with DP) or "fixed". With ``record`` the images and labels of every step's batch are
+    kept in ``self.batches`` (for a site's own audit; they never leave the site).
     """
 
     def __init__(self, network: torch.nn.Module, loss_fn, data: PatientSlices, lr: float, batch_size: int,
-                 accountant: Accountant | None = None, seed: int = 0, grad_sample_mode: str = "fast"):
+                 accountant: Accountant | None = None, seed: int = 0, grad_sample_mode: str = "fast",
+                 optimizer: str = "adam", sampling: str = "poisson", record: bool = False):
         if grad_sample_mode not in GRAD_SAMPLE_MODES:  # also without DP: a typo must not pass silently
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+        if accountant is not None and sampling != "poisson":
+            raise ValueError("DP training needs Poisson sampling (the accountant assumes it); "
+                             f"sampling={sampling!r} is only allowed without DP")
         self.network, self.loss_fn, self.data = network, loss_fn, data
-        self.accountant = accountant
+        self.accountant, self.batch_size, self.sampling = accountant, batch_size, sampling
         self.sample_rate = accountant.settings.sample_rate if accountant else batch_size / len(data)
         self.sampler = torch.Generator().manual_seed(seed)
         self.per_sample: PerSampleGrads | None = None
-        base = torch.optim.Adam(network.parameters(), lr=lr)
+        self.record, self.batches = record, []
+        base = OPTIMIZERS[optimizer](network.parameters(), lr=lr)
         if accountant is None:
             self.model, self.optimizer = network, base
         else:
@@ -109,10 +130,18 @@ class LocalTrainer:
     def step(self, stats: StepStats) -> None:
         """One optimizer step on a fresh Poisson sample of patients."""
         self.model.train()
-        indices = poisson_sample(len(self.data), self.sample_rate, self.sampler)
+        if self.sampling == "fixed":
+            indices = fixed_sample(len(self.data), self.batch_size, self.sampler)
+        else:
+            indices = poisson_sample(len(self.data), self.sample_rate, self.sampler)
         self.optimizer.zero_grad(set_to_none=True)
+        if self.record:
+            self.batches.append({"patients": indices})
         if indices:
             x, y = self.data.batch(indices)
+            if self.record:
+                self.batches[-1].update(images=x.as_subclass(torch.Tensor).clone(),
+                                        labels=y.as_subclass(torch.Tensor).clone())
             if self.per_sample is not None:
                 loss = self.per_sample.backward(x, y, self.loss_fn)
             else:
@@ -135,8 +164,11 @@ class LocalTrainer:
         stats.empty_steps += not indices
 
     def run(self, steps: int, abort=lambda: False) -> StepStats:
-        """Run ``steps`` steps (fewer if ``abort()`` turns true); the optimiser state persists."""
+        """Run ``steps`` steps (fewer if ``abort()`` turns true); the optimiser state persists.
+
+        With ``record``, ``self.batches`` holds this run's batches only."""
         stats = StepStats()
+        self.batches = []
         for _ in range(steps):
             if abort():
                 break

@@ -49,6 +49,7 @@ ERROR_HEADER = "dpseg_error"
 THREADS_ENV = "DPSEG_TORCH_THREADS"
 SIMULATOR_JOB_ID = "simulate_job"
 ACCOUNTANT_FILE = "dpseg_accountant.json"
+AUDIT_DIR = "audit"
 
 
 def torch_threads(job_id: str) -> int | None:
@@ -61,6 +62,17 @@ def torch_threads(job_id: str) -> int | None:
         except ValueError:
             raise SiteConfigError(f"{THREADS_ENV}={configured!r} is not an integer") from None
     return 1 if job_id == SIMULATOR_JOB_ID else None
+
+
+def batches_path(app_dir: Path, current_round: int) -> Path:
+    """Where a site keeps the training batches of one round (for its own audit; never sent)."""
+    return Path(app_dir) / AUDIT_DIR / f"batches_round{current_round}.pt"
+
+
+def save_batches(app_dir: Path, current_round: int, batches: list[dict]) -> None:
+    path = batches_path(app_dir, current_round)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(batches, path)
 
 
 class DataError(RuntimeError):
@@ -76,16 +88,24 @@ class SiteLearner(Executor):
     local_epochs: expected passes over the training patients per round;
     accountant: "prv" or "rdp"; data_source: "site" (the site's configured data) or "synthetic"
     (a synthetic cohort generated in the site's workspace; only where a job asks for it).
+    local_steps: steps per round if > 0 (else from local_epochs); optimizer: "adam" or "sgd";
+    sampling: "poisson" or "fixed" (fixed only without DP); record_batches: keep each round's
+    training batches in the site's job folder (``audit/``) for the site's own audit.
     """
 
     def __init__(self, dp: bool = True, target_epsilon: float = 8.0, delta: float = 1e-5,
                  max_grad_norm: float = 1.0, batch_size: int = 16, local_epochs: float = 1.0,
                  learning_rate: float = 1e-3, accountant: str = "prv", data_source: str = "site",
-                 seed: int = 0, train_task: str = AppConstants.TASK_TRAIN,
+                 seed: int = 0, local_steps: int = 0, optimizer: str = "adam", sampling: str = "poisson",
+                 record_batches: bool = False, train_task: str = AppConstants.TASK_TRAIN,
                  validate_task: str = AppConstants.TASK_VALIDATION, log_writer_id: str = "log_writer"):
         super().__init__()
         if data_source not in ("site", "synthetic"):
             raise ValueError(f"data_source must be 'site' or 'synthetic', got {data_source!r}")
+        if dp and sampling != "poisson":
+            raise ValueError(f"a DP job needs sampling 'poisson' (what the accountant assumes), got {sampling!r}")
+        self.fixed_steps, self.optimizer_name, self.sampling = int(local_steps), optimizer, sampling
+        self.record_batches = record_batches
         self.dp, self.target_epsilon, self.delta = dp, target_epsilon, delta
         self.max_grad_norm, self.batch_size, self.local_epochs = max_grad_norm, batch_size, local_epochs
         self.learning_rate, self.accountant_name, self.data_source = learning_rate, accountant, data_source
@@ -119,13 +139,18 @@ class SiteLearner(Executor):
         self.settings = load_site_settings(self.site, root, synthetic_root, require_budget=self.dp)
         report = check_datalist(self.settings.datalist)
         if not report.ok:
-            raise DataError(f"site {self.site}: data check failed, no training:\n" + "\n".join(report.problems))
+            # first line (sent to the server): what went wrong, without the site's file paths;
+            # the following lines (the site's own log) name every file
+            first = report.problems[0].split(": ", 1)[-1].replace(str(self.settings.datalist.parent), "<site data>")
+            raise DataError(f"site {self.site}: data check failed, no training: {len(report.problems)} problem(s), "
+                            f"first: {first} (the site's log names the files)\n" + "\n".join(report.problems))
         self.log_info(fl_ctx, report.summary())
         self.bundle = Bundle()
         self.network = self.bundle.network()
         self.loss_fn = self.bundle.loss()
         self.train_items = resolve(self.settings.datalist, "training")
-        self.local_steps = max(1, math.ceil(self.local_epochs * len(self.train_items) / self.batch_size))
+        self.local_steps = self.fixed_steps if self.fixed_steps > 0 else \
+            max(1, math.ceil(self.local_epochs * len(self.train_items) / self.batch_size))
         self.data = PatientSlices(self.train_items, self.bundle.train_transforms())
         self.val_data = CacheDataset(resolve(self.settings.datalist, "validation"), self.bundle.volume_transforms(),
                                      cache_rate=1.0, num_workers=0, progress=False)
@@ -200,7 +225,9 @@ class SiteLearner(Executor):
         if self.trainer is None:  # one local optimiser per job: its state carries across rounds
             self.trainer = LocalTrainer(self.network, self.loss_fn, self.data, self.learning_rate, self.batch_size,
                                         self.accountant if self.dp else None,
-                                        seed=secrets.randbits(62) if self.dp else self.seed)
+                                        seed=secrets.randbits(62) if self.dp else self.seed,
+                                        optimizer=self.optimizer_name, sampling=self.sampling,
+                                        record=self.record_batches)
         try:
             stats = self.trainer.run(self.local_steps, abort=lambda: abort_signal.triggered)
         finally:
@@ -209,16 +236,23 @@ class SiteLearner(Executor):
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         seconds = time.perf_counter() - start
+        if self.record_batches:
+            save_batches(self.app_dir, current_round, self.trainer.batches)
         new_state = self.network.state_dict()
         diff = {k: (new_state[k] - global_state[k]).numpy() for k in global_state}
         meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: self.local_steps, MetaKey.INITIAL_METRICS: val,
                 "train_seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "privacy": self._privacy_meta()}
+                "privacy": self._privacy_meta(), "training": self._training_meta()}
         spent = f"epsilon {meta['privacy']['epsilon']:.3f}" if self.dp else "no DP"
         self.log_info(fl_ctx, f"round {current_round}: {stats.steps} steps in {seconds:.1f} s, local train loss "
                               f"{stats.mean_loss:.4f} (kept at the site), val Dice {val['val_dice']:.4f}, {spent}")
         self._track(current_round, val, meta["privacy"])
         return DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
+
+    def _training_meta(self) -> dict:
+        """The job's public local-training settings (what an auditor's attacker may assume)."""
+        return {"learning_rate": self.learning_rate, "local_steps": self.local_steps, "batch_size": self.batch_size,
+                "optimizer": self.optimizer_name, "sampling": self.sampling}
 
     def _privacy_meta(self) -> dict:
         if not self.dp:

@@ -12,3 +12,39 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
         raise ValueError(f"prediction shape {pred.shape} differs from ground truth {truth.shape}")
     total = pred.sum() + truth.sum()
     return 1.0 if total == 0 else float(2.0 * np.logical_and(pred, truth).sum() / total)
+
+
+def ssim(image: np.ndarray, truth: np.ndarray) -> float:
+    """Structural similarity of two 2D images with intensities in [0, 1] (data range 1)."""
+    from skimage.metrics import structural_similarity
+
+    image, truth = _same_shape(image, truth)
+    return float(structural_similarity(truth, image, data_range=1.0))
+
+
+def psnr(image: np.ndarray, truth: np.ndarray) -> float:
+    """Peak signal-to-noise ratio (dB, data range 1) of an image against the truth."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    image, truth = _same_shape(image, truth)
+    return float(peak_signal_noise_ratio(truth, image, data_range=1.0))
+
+
+def mse(image: np.ndarray, truth: np.ndarray) -> float:
+    """Mean squared error (intensity units squared)."""
+    image, truth = _same_shape(image, truth)
+    return float(np.mean((image - truth) ** 2))
+
+
+def most_similar(image: np.ndarray, candidates: np.ndarray) -> int:
+    """Index of the candidate (K, H, W) with the highest SSIM to ``image`` (H, W): the attacker's
+    identification of a reconstruction within a cohort of slices."""
+    scores = [ssim(image, c) for c in np.asarray(candidates)]
+    return int(np.argmax(scores))
+
+
+def _same_shape(image: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    image, truth = np.asarray(image, dtype=np.float64), np.asarray(truth, dtype=np.float64)
+    if image.shape != truth.shape:
+        raise ValueError(f"image shape {image.shape} differs from the reference's {truth.shape}")
+    return image, truth

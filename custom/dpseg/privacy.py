@@ -125,6 +125,27 @@ class Accountant:
         return cls(PrivacySettings(**state["settings"]), state["history"])
 
 
+def reconstruction_bound_eps_delta(epsilon: float, delta: float, baseline: float) -> float:
+    """Upper bound on the probability that ANY attack reconstructs (here: identifies) a training
+    sample, for an (epsilon, delta)-DP release, when an uninformed guess succeeds with probability
+    ``baseline`` (reconstruction robustness, Balle, Cherubin and Hayes 2022): e^eps * baseline + delta."""
+    return min(1.0, math.exp(epsilon) * baseline + delta)
+
+
+def reconstruction_bound_gdp(noise_multiplier: float, sample_rate: float, steps: int, baseline: float) -> float:
+    """The same bound from the hypothesis-testing view (Kaissis et al. 2023; Hayes, Mahloujifar and
+    Balle 2023): for mu-GDP, Phi(Phi^-1(baseline) + mu). mu of Poisson-subsampled DP-SGD by the
+    central-limit approximation (Bu, Dong, Long and Su 2020): q * sqrt(T * (exp(1 / sigma^2) - 1)).
+    An approximation (good for many steps at small q; optimistic for a few steps at small sigma),
+    not a certified bound."""
+    from scipy.stats import norm
+
+    if noise_multiplier <= 0 or 1.0 / noise_multiplier ** 2 > 700:
+        return 1.0
+    mu = sample_rate * math.sqrt(steps * math.expm1(1.0 / noise_multiplier ** 2))
+    return float(norm.cdf(norm.ppf(baseline) + mu))
+
+
 @dataclass
 class Ledger:
     """The site's privacy budget across jobs, kept in a JSON file the site owns.

@@ -12,6 +12,11 @@ from pathlib import Path
 
 from dpseg.server import BUNDLE_OUT, ROUNDS_FILE
 
+AUDIT_FILE = "dpseg_audit.json"  # written by dpseg.auditor.AuditController
+REJECTED_FILE = "dpseg_rejected.json"  # written by dpseg.validation.UpdateValidator
+AUDIT_KEYS = ("ssim", "psnr", "mse", "identified", "patient_identified", "baseline_ssim", "chance",
+              "bound_eps_delta", "bound_gdp", "seconds")
+
 BEST_MODEL = "SRV_best_FL_global_model.pt"
 FINAL_MODEL = "SRV_FL_global_model.pt"
 
@@ -59,6 +64,8 @@ def build_report(workspace: Path) -> dict:
         values = [s[key] for s in sites.values() if s.get(key) is not None]
         return sum(values) / len(values) if values else None
 
+    audit_file = run / AUDIT_FILE
+    audit = summarize_audit(json.loads(audit_file.read_text())) if audit_file.exists() else None
     bundle = next((run / BUNDLE_OUT).glob("*/models/model.pt"), None) if (run / BUNDLE_OUT).exists() else None
     return {
         "run_dir": str(run),
@@ -68,6 +75,8 @@ def build_report(workspace: Path) -> dict:
         "mean_test_dice_best": mean("test_dice_best"),
         "mean_test_dice_final": mean("test_dice_final"),
         "best_model_bundle": str(bundle.parent.parent) if bundle else None,
+        "audit": audit,
+        "problems": json.loads((run / REJECTED_FILE).read_text()) if (run / REJECTED_FILE).exists() else [],
         "notes": [
             "epsilon: patient-level (one patient of one site), for everything the site sent in this job "
             "(all rounds), by the accountant named; server aggregation is post-processing.",
@@ -75,6 +84,47 @@ def build_report(workspace: Path) -> dict:
             "who are not in the training split.",
         ],
     }
+
+
+def summarize_audit(audit: dict) -> dict:
+    """Per audited update (site, round) the scalar metrics, and their means over scored updates."""
+    rows = audit.get("updates", [])
+    scored = [r for r in rows if "ssim" in r]
+    means = {k: sum(r[k] for r in scored if k in r) / max(1, sum(1 for r in scored if k in r))
+             for k in AUDIT_KEYS if any(k in r for r in scored)}
+    return {"attack": audit.get("attack"), "updates": rows, "scored": len(scored),
+            "empty": sum(1 for r in rows if r.get("patients_in_update") == 0),
+            "failed": sum(1 for r in rows if "error" in r), "mean": means}
+
+
+def format_audit(audit: dict) -> list[str]:
+    a = audit.get("attack") or {}
+    lines = ["", f"audit (attack at each site: {a.get('iterations')} iterations x {a.get('restarts')} restarts, "
+             f"label {a.get('label')}, {a.get('simulate')}-step): {audit['scored']} updates scored, "
+             f"{audit['empty']} with no patient, {audit['failed']} failed"]
+    head = f"{'site':<10}{'round':>6}{'DP':>4}{'epsilon':>9}{'SSIM':>7}{'base':>7}{'PSNR':>7}{'ident':>7}" \
+           f"{'chance':>9}{'bound':>8}{'GDP~':>8}{'seconds':>9}"
+    lines += [head, "-" * len(head)]
+
+    def cell(row, key, fmt, width):
+        return format(row[key], fmt).rjust(width) if row.get(key) is not None else "-".rjust(width)
+
+    for r in audit["updates"] + ([{"site": "mean", **audit["mean"]}] if audit["scored"] else []):
+        if "error" in r:
+            lines.append(f"{r['site']:<10}{r['round']:>6}  failed: {r['error']}")
+            continue
+        dp = {True: "yes", False: "no"}.get(r.get("dp"), "")
+        lines.append(f"{r['site']:<10}{r.get('round', ''):>6}{dp:>4}{cell(r, 'epsilon', '.2f', 9)}"
+                     f"{cell(r, 'ssim', '.3f', 7)}{cell(r, 'baseline_ssim', '.3f', 7)}{cell(r, 'psnr', '.1f', 7)}"
+                     f"{cell(r, 'identified', '.2f', 7)}{cell(r, 'chance', '.1e', 9)}"
+                     f"{cell(r, 'bound_eps_delta', '.3f', 8)}{cell(r, 'bound_gdp', '.3f', 8)}"
+                     f"{cell(r, 'seconds', '.0f', 9)}")
+    lines.append("audit note: SSIM / PSNR of the best reconstruction against the true slice; base: the better "
+                 "uninformed guess (random start or the cohort's mean slice); ident: share identified as the "
+                 "true slice among all the site's training slices (chance: 1 / slices); bound: upper bound on "
+                 "identification success from the update's (epsilon, delta), e^eps * chance + delta; GDP~: the "
+                 "same from the central-limit GDP approximation, which can be optimistic for few steps.")
+    return lines
 
 
 def format_report(report: dict) -> str:
@@ -102,5 +152,10 @@ def format_report(report: dict) -> str:
                      + (f" (final model: {report['mean_test_dice_final']:.4f})" if report["mean_test_dice_final"] is not None else ""))
     if report["best_model_bundle"]:
         lines.append(f"best global model as a MONAI bundle: {report['best_model_bundle']}")
+    if report.get("problems"):
+        lines += ["", "missing contributions (never aggregated):"]
+        lines += [f"  round {p['round']}: {p['site']} {p['kind']}: {p['reason']}" for p in report["problems"]]
+    if report.get("audit"):
+        lines += format_audit(report["audit"])
     lines += [""] + [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)

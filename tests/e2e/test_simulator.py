@@ -16,13 +16,14 @@ from dpseg.report import build_report
 from dpseg.workspace import allow_dpseg
 
 
-def prepare_job(name: str, dest: Path, rounds: int, **client_args) -> Path:
-    """A copy of jobs/<name> with fewer rounds and other client arguments (the job JSON's variables)."""
+def prepare_job(name: str, dest: Path, rounds: int, server_args: dict | None = None, **client_args) -> Path:
+    """A copy of jobs/<name> with fewer rounds and other server / client arguments (the job JSON's variables)."""
     job = dest / name
     shutil.copytree(REPO / "jobs" / name, job)
     server = job / "app" / "config" / "config_fed_server.json"
     cfg = json.loads(server.read_text())
     cfg["num_rounds"] = rounds
+    cfg.update(server_args or {})
     server.write_text(json.dumps(cfg, indent=1))
     client = job / "app" / "config" / "config_fed_client.json"
     cfg = json.loads(client.read_text())
@@ -38,14 +39,21 @@ def run_simulator(job: Path, workspace: Path, env: dict, sites: int = 2) -> subp
                           capture_output=True, text=True, timeout=900, env={**os.environ, **env})
 
 
-@pytest.mark.parametrize("name", ["fed_dp", "fed"])
-def test_two_sites_two_rounds_report_and_bundle(cohort, tmp_path, name):
-    job = prepare_job(name, tmp_path, rounds=2, batch_size=2, local_epochs=1.0)
+def simulate_on_cohort(job: Path, cohort: Path, tmp_path: Path) -> Path:
+    """Run ``job`` (2 sites) on the tiny cohort with site settings from the environment (budget 20,
+    ledgers under tmp_path/ledgers); asserts success and returns the workspace."""
     ws = tmp_path / "ws"
     env = {"DPSEG_DATA_ROOT": str(cohort), "DPSEG_TOTAL_EPSILON": "20",
            "DPSEG_LEDGER": str(tmp_path / "ledgers" / "{site}.json")}
     result = run_simulator(job, ws, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return ws
+
+
+@pytest.mark.parametrize("name", ["fed_dp", "fed"])
+def test_two_sites_two_rounds_report_and_bundle(cohort, tmp_path, name):
+    job = prepare_job(name, tmp_path, rounds=2, batch_size=2, local_epochs=1.0)
+    ws = simulate_on_cohort(job, cohort, tmp_path)
     report = build_report(ws)
     assert report["rounds"] == 2 and len(report["round_seconds"]) == 2
     assert set(report["sites"]) == {"site-1", "site-2"}
@@ -83,6 +91,9 @@ def test_fed_and_fed_dp_differ_only_in_dp():
         return (json.loads((base / "config_fed_server.json").read_text()),
                 json.loads((base / "config_fed_client.json").read_text()))
     (s_dp, c_dp), (s, c) = configs("fed_dp"), configs("fed")
-    assert s_dp == s
+    assert {k: v for k, v in s_dp.items() if k != "dp"} == {k: v for k, v in s.items() if k != "dp"}
+    # the server validates updates against the same DP setting and target as the sites use
+    for server, client in ((s_dp, c_dp), (s, c), configs("fed_dp_audit")):
+        assert server["dp"] == client["dp"] and server["target_epsilon"] == client["target_epsilon"]
     assert c_dp["dp"] is True and c["dp"] is False
     assert {k: v for k, v in c_dp.items() if k != "dp"} == {k: v for k, v in c.items() if k != "dp"}

@@ -1,0 +1,364 @@
+"""Auditing what a curious server could reconstruct from the updates it receives.
+
+Threat model: an honest-but-curious server sees every update, the global model it was computed
+from and the public training settings; it does not see the data. Here the server only intercepts
+the updates; the attack (``dpseg.inversion``) runs AT THE SITE the update came from, which scores
+the reconstructions against its own images. Reconstructions and figures stay in that site's
+workspace; only scalar metrics go back to the server.
+
+- ``UpdateInterceptor`` (server component): saves the updates of the audited rounds exactly as
+  the aggregator receives them (after every filter), with the global model each was computed from.
+- ``AuditController`` (server workflow, after training): sends each intercepted update back to its
+  site as an ``audit`` task and writes the returned metrics to ``dpseg_audit.json``.
+- ``SiteAuditor`` (site executor): runs the attack and scores it (``audit_update``).
+
+The scoring functions (``Cohort``, ``audit_update``) need no NVFlare; ``dpseg audit`` uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nvflare.apis.client import Client
+from nvflare.apis.controller_spec import ClientTask, Task
+from nvflare.apis.dxo import DXO, DataKind, from_shareable
+from nvflare.apis.event_type import EventType
+from nvflare.apis.executor import Executor
+from nvflare.apis.fl_component import FLComponent
+from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.impl.controller import Controller
+from nvflare.apis.shareable import Shareable, make_reply
+from nvflare.apis.signal import Signal
+from nvflare.app_common.abstract.model import ModelLearnableKey
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.app_event_type import AppEventType
+
+from dpseg.bundle import Bundle
+from dpseg.datalist import resolve
+from dpseg.inversion import AttackSettings, Reconstruction, invert, uninformed_guess
+from dpseg.metrics import mse, most_similar, psnr, ssim
+from dpseg.privacy import reconstruction_bound_eps_delta, reconstruction_bound_gdp
+from dpseg.report import AUDIT_FILE
+
+AUDIT_TASK = "audit"
+INTERCEPT_DIR = "intercepted"
+
+
+# ------------------------------------------------------------------------------------------ scoring
+class Cohort:
+    """All axial slices of a site's patients after the bundle's deterministic preprocessing:
+    ``slices`` (K, H, W) in [0, 1], ``owners`` (K, 2): (patient index, slice index)."""
+
+    def __init__(self, items: list[dict], volume_transforms):
+        slices, owners = [], []
+        for p, item in enumerate(items):
+            volume = torch.as_tensor(volume_transforms(item)["image"])[0]  # (H, W, D)
+            for z in range(volume.shape[-1]):
+                slices.append(volume[..., z].numpy())
+                owners.append((p, z))
+        self.slices = np.stack(slices).astype(np.float32)
+        self.owners = np.asarray(owners)
+        self.mean_image = self.slices.mean(axis=0)
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def locate(self, image: np.ndarray, patient: int) -> int:
+        """Cohort index of ``patient``'s slice that ``image`` (H, W) was drawn from (closest after
+        removing the mean: training applies a random intensity shift)."""
+        rows = np.flatnonzero(self.owners[:, 0] == patient)
+        centred = image - image.mean()
+        errors = [np.mean((self.slices[r] - self.slices[r].mean() - centred) ** 2) for r in rows]
+        return int(rows[int(np.argmin(errors))])
+
+
+def score(reconstruction: np.ndarray, truths: np.ndarray, cohort: Cohort | None = None,
+          true_indices: list[int] | None = None) -> dict:
+    """Metrics of reconstructions (R, H, W) against the true images (T, H, W): for each true image
+    the best-matching reconstruction's SSIM, PSNR (dB) and MSE, averaged over the true images; with
+    a cohort, identification: the share of true images for which the cohort slice most similar to
+    that reconstruction is the true slice (``identified``) or one of the true patient's slices."""
+    out = {"ssim": [], "psnr": [], "mse": [], "identified": [], "patient_identified": []}
+    for t, truth in enumerate(truths):
+        scores = [ssim(r, truth) for r in reconstruction]
+        best = reconstruction[int(np.argmax(scores))]
+        out["ssim"].append(max(scores))
+        out["psnr"].append(psnr(best, truth))
+        out["mse"].append(mse(best, truth))
+        if cohort is not None and true_indices is not None:
+            guess = most_similar(best, cohort.slices)
+            out["identified"].append(guess == true_indices[t])
+            out["patient_identified"].append(cohort.owners[guess, 0] == cohort.owners[true_indices[t], 0])
+    return {k: float(np.mean(v)) for k, v in out.items() if v}
+
+
+def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dict, settings: AttackSettings,
+                 images: torch.Tensor, labels: torch.Tensor, cohort: Cohort | None = None,
+                 true_indices: list[int] | None = None, privacy: dict | None = None,
+                 out_dir: Path | None = None, progress=None) -> dict:
+    """Attack one update and score it against the true batch (``images``, ``labels``: (T, 1, H, W)).
+
+    Returns scalar metrics only: the reconstruction's scores, the uninformed baselines (the attack's
+    random start and the cohort's mean slice), identification against the cohort with its chance
+    level, and for a DP update the theoretical bound on identification success. With ``out_dir`` the
+    reconstruction, the truth and a side-by-side PNG are written there (the site's own folder).
+    """
+    if settings.label == "known":
+        settings = AttackSettings(**{**asdict(settings), "batch_size": len(images)})
+    shape = tuple(images.shape[-2:])
+    rec: Reconstruction = invert(network, loss_fn, update, settings, shape,
+                                 label=labels if settings.label == "known" else None, progress=progress)
+    recon, truths = rec.images[:, 0].numpy(), images[:, 0].numpy()
+    metrics = {"patients_in_update": len(images), "label": settings.label, "simulate": settings.simulate,
+               "iterations": rec.iterations, "restarts": settings.restarts, "seconds": rec.seconds,
+               "matching_loss": rec.matching_loss, **score(recon, truths, cohort, true_indices)}
+    random_start = uninformed_guess(shape, settings)[:, 0].numpy()
+    metrics["baseline_ssim_random"] = score(random_start, truths)["ssim"]
+    if cohort is not None:
+        metrics["baseline_ssim_mean_image"] = score(cohort.mean_image[None], truths)["ssim"]
+        metrics["cohort_slices"] = len(cohort)
+        metrics["chance"] = 1.0 / len(cohort)
+    metrics["baseline_ssim"] = max(v for k, v in metrics.items() if k.startswith("baseline_ssim_"))
+    metrics.update(privacy_bounds(privacy, metrics.get("chance")))
+    if out_dir is not None:
+        save_reconstruction(Path(out_dir), recon, truths, metrics)
+    return metrics
+
+
+def privacy_bounds(privacy: dict | None, chance: float | None) -> dict:
+    """DP facts of the audited update and, with a chance level, the bounds on identification."""
+    if not privacy or not privacy.get("dp"):
+        return {"dp": False}
+    out = {"dp": True, "epsilon": privacy["epsilon"], "delta": privacy["delta"],
+           "noise_multiplier": privacy["noise_multiplier"], "sample_rate": privacy["sample_rate"],
+           "steps": privacy["steps"]}
+    if chance is not None:
+        out["bound_eps_delta"] = reconstruction_bound_eps_delta(privacy["epsilon"], privacy["delta"], chance)
+        out["bound_gdp"] = reconstruction_bound_gdp(privacy["noise_multiplier"], privacy["sample_rate"],
+                                                    privacy["steps"], chance)
+    return out
+
+
+def save_reconstruction(out_dir: Path, recon: np.ndarray, truths: np.ndarray, metrics: dict) -> Path:
+    """Write reconstruction.npy, truth.npy and comparison.png (truth | reconstruction) into out_dir."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.save(out_dir / "reconstruction.npy", recon)
+    np.save(out_dir / "truth.npy", truths)
+    rows = max(len(truths), len(recon))
+    fig, axes = plt.subplots(rows, 2, figsize=(5, 2.6 * rows), squeeze=False)
+    for i in range(rows):
+        for j, (name, stack) in enumerate((("truth", truths), ("reconstruction", recon))):
+            ax = axes[i, j]
+            ax.axis("off")
+            if i < len(stack):
+                ax.imshow(stack[i].T, cmap="gray", vmin=0, vmax=1, origin="lower")
+                ax.set_title(name if j == 0 else f"{name}, SSIM {metrics.get('ssim', float('nan')):.2f}", fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "comparison.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ server
+class UpdateInterceptor(FLComponent):
+    """Saves the audited rounds' updates as the aggregator receives them, with their global model.
+
+    rounds / sites: which to keep (empty: all). Files: ``<server run>/intercepted/round<r>_<site>.pt``
+    holding ``update`` (weight difference), ``global`` (the global weights it was computed from),
+    ``meta`` (the privacy and public training settings the site sent), ``site`` and ``round``.
+    """
+
+    def __init__(self, rounds: list[int] | None = None, sites: list[str] | None = None):
+        super().__init__()
+        self.rounds, self.sites = set(rounds or []), set(sites or [])
+        self.folder: Path | None = None
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext):
+        if event_type == EventType.START_RUN:
+            run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
+            self.folder = run_dir / INTERCEPT_DIR
+        elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
+            self._intercept(fl_ctx)
+
+    def _intercept(self, fl_ctx: FLContext) -> None:
+        result = fl_ctx.get_prop(AppConstants.TRAINING_RESULT)
+        current_round = int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND) or 0)
+        site = result.get_peer_prop(ReservedKey.IDENTITY_NAME, "?") if result is not None else "?"
+        if result is None or (self.rounds and current_round not in self.rounds) or (self.sites and site not in self.sites):
+            return
+        dxo = from_shareable(result)
+        global_model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+        weights = global_model[ModelLearnableKey.WEIGHTS]
+        record = {"site": site, "round": current_round,
+                  "update": {k: torch.as_tensor(np.asarray(v)) for k, v in dxo.data.items()},
+                  "global": {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()},
+                  "meta": {"privacy": dxo.get_meta_prop("privacy"), "training": dxo.get_meta_prop("training")}}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save(record, self.folder / f"round{current_round}_{site}.pt")
+        self.log_info(fl_ctx, f"intercepted the update of {site} in round {current_round}")
+
+    def records(self) -> list[Path]:
+        return sorted(self.folder.glob("round*_*.pt"), key=lambda p: p.stat().st_mtime) if self.folder else []
+
+
+class AuditController(Controller):
+    """After training, sends every intercepted update back to its site as an ``audit`` task and
+    writes the sites' metrics (scalars only) to ``<server run>/dpseg_audit.json``.
+
+    iterations, restarts, label ("known" / "joint"), simulate ("single" / "unroll"): the attack.
+    """
+
+    def __init__(self, interceptor_id: str = "interceptor", task_name: str = AUDIT_TASK, iterations: int = 1000,
+                 restarts: int = 2, label: str = "known", simulate: str = "single", task_timeout: int = 0):
+        super().__init__()
+        self.interceptor_id, self.task_name, self.task_timeout = interceptor_id, task_name, task_timeout
+        self.attack = {"iterations": iterations, "restarts": restarts, "label": label, "simulate": simulate}
+        AttackSettings(**self.attack)  # refuse bad settings when the job starts
+        self.results: list[dict] = []
+        self.lock = threading.Lock()
+
+    def start_controller(self, fl_ctx: FLContext):
+        self.interceptor = fl_ctx.get_engine().get_component(self.interceptor_id)
+        if not isinstance(self.interceptor, UpdateInterceptor):
+            self.system_panic(f"component '{self.interceptor_id}' is not an UpdateInterceptor", fl_ctx)
+        self.run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
+
+    def control_flow(self, abort_signal: Signal, fl_ctx: FLContext):
+        records = self.interceptor.records()
+        self.log_info(fl_ctx, f"auditing {len(records)} intercepted updates at their sites")
+        for path in records:
+            record = torch.load(path, weights_only=True)
+            data = {"update": {k: v.numpy() for k, v in record["update"].items()},
+                    "global": {k: v.numpy() for k, v in record["global"].items()}}
+            meta = {"round": record["round"], "attack": self.attack, **record["meta"]}
+            task = Task(name=self.task_name, data=DXO(DataKind.COLLECTION, data=data, meta=meta).to_shareable(),
+                        timeout=self.task_timeout, result_received_cb=self._received)
+            self.broadcast(task=task, fl_ctx=fl_ctx, targets=[record["site"]], min_responses=1)
+        while self.get_num_standing_tasks():
+            if abort_signal.triggered:
+                return
+            time.sleep(0.5)
+        self._save()
+        self.log_info(fl_ctx, f"audit results written to {self.run_dir / AUDIT_FILE}")
+
+    def _received(self, client_task: ClientTask, fl_ctx: FLContext) -> None:
+        result, site = client_task.result, client_task.client.name
+        record = {"site": site, "round": from_shareable(client_task.task.data).get_meta_prop("round")}
+        if result.get_return_code() != ReturnCode.OK:
+            record["error"] = str(result.get_header("dpseg_error") or result.get_return_code())
+        else:
+            record.update({k: v for k, v in from_shareable(result).data.items() if _is_scalar(v)})
+        self.log_info(fl_ctx, f"audit result from {site}, round {record['round']}: "
+                              + ", ".join(f"{k} {record[k]:.3f}" for k in ("ssim", "psnr") if k in record))
+        with self.lock:
+            self.results.append(record)
+        client_task.result = None
+
+    def _save(self) -> None:
+        rows = sorted(self.results, key=lambda r: (r["round"], r["site"]))
+        (self.run_dir / AUDIT_FILE).write_text(json.dumps({"attack": self.attack, "updates": rows}, indent=1) + "\n")
+
+    def stop_controller(self, fl_ctx: FLContext):
+        pass
+
+    def process_result_of_unknown_task(self, client: Client, task_name: str, client_task_id: str,
+                                       result: Shareable, fl_ctx: FLContext):
+        self.log_warning(fl_ctx, f"ignored a late result of task '{task_name}' from {client.name}")
+
+
+def _is_scalar(value) -> bool:
+    return isinstance(value, (bool, int, float, str)) and not (isinstance(value, float) and math.isnan(value))
+
+
+# ------------------------------------------------------------------------------------------ site
+class SiteAuditor(Executor):
+    """The site's side of an audit: attack the update it sent, score against its own images.
+
+    Needs the site's training batches of the audited round, kept by the learner
+    (``record_batches``) in the site's job folder. Returns scalar metrics only.
+    """
+
+    def __init__(self, task_name: str = AUDIT_TASK):
+        super().__init__()
+        self.task_name = task_name
+        self.cohort: Cohort | None = None
+
+    def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        from dpseg.learner import ERROR_HEADER
+
+        if task_name != self.task_name:
+            return make_reply(ReturnCode.TASK_UNKNOWN)
+        try:
+            return self._execute(shareable, fl_ctx)
+        except Exception as err:  # the server learns that, and why, the audit failed; never the data
+            self.log_exception(fl_ctx, "audit failed")
+            reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+            reply.set_header(ERROR_HEADER, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+            return reply
+
+    def _execute(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
+        from dpseg.learner import ERROR_HEADER, batches_path
+        from dpseg.site import SiteConfigError, load_site_settings
+
+        engine, site = fl_ctx.get_engine(), fl_ctx.get_identity_name()
+        workspace = engine.get_workspace()
+        app_dir = Path(workspace.get_app_dir(str(fl_ctx.get_job_id())))
+        dxo = from_shareable(shareable)
+        current_round = int(dxo.get_meta_prop("round"))
+        try:
+            batches = torch.load(batches_path(app_dir, current_round), weights_only=True)
+        except FileNotFoundError:
+            reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+            reply.set_header(ERROR_HEADER, f"{site} kept no training batches for round {current_round} "
+                                           "(the learner needs record_batches)")
+            return reply
+        bundle = Bundle()
+        if self.cohort is None:
+            try:
+                settings = load_site_settings(site, Path(workspace.get_root_dir()), None, require_budget=False)
+            except SiteConfigError as err:
+                reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+                reply.set_header(ERROR_HEADER, str(err))
+                return reply
+            self.log_info(fl_ctx, "loading the site's training slices for identification")
+            self.cohort = Cohort(resolve(settings.datalist, "training"), bundle.volume_transforms())
+        metrics = self._audit(dxo, batches, bundle, app_dir / "audit" / f"round{current_round}", fl_ctx)
+        return DXO(DataKind.METRICS, data=metrics).to_shareable()
+
+    def _audit(self, dxo: DXO, batches: list[dict], bundle: Bundle, out_dir: Path, fl_ctx: FLContext) -> dict:
+        training, privacy = dxo.get_meta_prop("training") or {}, dxo.get_meta_prop("privacy")
+        if len(batches) != 1:
+            self.log_warning(fl_ctx, f"{len(batches)} local steps in the audited round: scoring the first batch")
+        batch = batches[0]
+        if not batch["patients"]:
+            self.log_info(fl_ctx, "no patient in the audited update (empty Poisson sample): nothing to reconstruct")
+            return {"patients_in_update": 0, **privacy_bounds(privacy, None)}
+        attack = AttackSettings(**dxo.get_meta_prop("attack"), local_steps=int(training.get("local_steps", 1)),
+                                local_lr=float(training.get("learning_rate", 1.0)),
+                                batch_size=max(1, round(float(training.get("batch_size", 1)))))
+        network = bundle.network()
+        network.load_state_dict({k: torch.as_tensor(v) for k, v in dxo.data["global"].items()}, strict=True)
+        update = {k: torch.as_tensor(v) for k, v in dxo.data["update"].items()}
+        images, labels = batch["images"], batch["labels"]
+        truth_index = [self.cohort.locate(img[0].numpy(), p) for img, p in zip(images, batch["patients"])]
+        metrics = audit_update(network, bundle.loss(), update, attack, images, labels, self.cohort, truth_index,
+                               privacy, out_dir, progress=lambda m: self.log_info(fl_ctx, m))
+        self.log_info(fl_ctx, f"audit: SSIM {metrics['ssim']:.3f} (baseline {metrics['baseline_ssim']:.3f}), "
+                              f"identified {metrics['identified']:.2f}, {metrics['seconds']:.0f} s; "
+                              f"reconstruction and figure in {out_dir}")
+        return metrics

@@ -1,0 +1,59 @@
+"""Failure modes in the real NVFlare simulator: a site with bad data, updates the server rejects."""
+
+import json
+import os
+import shutil
+
+from conftest import datalist_items
+from dpseg.report import build_report, format_report
+from test_simulator import prepare_job, run_simulator
+
+
+def three_site_root(cohort, tmp_path):
+    """site-1 and site-2 of the tiny cohort, and a site-3 (a copy of site-1) with a truncated image."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for site in ("site-1", "site-2"):
+        os.symlink(cohort / site, root / site)
+    shutil.copytree(cohort / "site-1", root / "site-3")
+    victim = root / "site-3" / datalist_items(root / "site-3" / "datalist.json")[0]["image"]
+    victim.write_bytes(victim.read_bytes()[:300])
+    return root, victim
+
+
+def env_for(root, tmp_path):
+    return {"DPSEG_DATA_ROOT": str(root), "DPSEG_TOTAL_EPSILON": "20",
+            "DPSEG_LEDGER": str(tmp_path / "ledgers" / "{site}.json")}
+
+
+def test_a_site_with_bad_data_fails_alone_and_the_job_goes_on(cohort, tmp_path):
+    root, victim = three_site_root(cohort, tmp_path)
+    job = prepare_job("fed_dp", tmp_path, rounds=2, batch_size=2, local_epochs=1.0)
+    ws = tmp_path / "ws"
+    result = run_simulator(job, ws, env_for(root, tmp_path), sites=3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = build_report(ws)
+    assert {s for s, e in report["sites"].items() if e["rounds"] == 2} == {"site-1", "site-2"}
+    failures = [p for p in report["problems"] if p["site"] == "site-3"]
+    assert [p["round"] for p in failures if p["kind"] == "site failed"][:2] == [0, 1]
+    assert "data check failed" in failures[0]["reason"] and "truncated NIfTI" in failures[0]["reason"]
+    assert str(root) not in json.dumps(report["problems"])  # the server learns why, not the site's paths
+    site_log = (ws / "site-3" / "log.txt").read_text()
+    assert str(victim) in site_log  # the site's own log names the file
+    assert not (tmp_path / "ledgers" / "site-3.json").exists()  # it never reached training
+    assert "site-3 site failed" in format_report(report)
+
+
+def test_updates_above_the_jobs_epsilon_are_rejected_and_never_aggregated(cohort, tmp_path):
+    # the server's stated target (4) is below what the sites calibrate for (8): every update is refused
+    job = prepare_job("fed_dp", tmp_path, rounds=1, server_args={"target_epsilon": 4.0}, batch_size=2,
+                      local_epochs=1.0)
+    ws = tmp_path / "ws"
+    run_simulator(job, ws, env_for(cohort, tmp_path))
+    report = build_report(ws)
+    rejected = [p for p in report["problems"] if p["kind"] == "update rejected"]
+    assert rejected and all("above the job's target 4.0" in p["reason"] for p in rejected)
+    # with min_clients 2 of 2 sites, the first rejection ends the job, with a clear message
+    assert "Cannot reach min_responses" in (ws / "server" / "log.txt").read_text()
+    assert report["best_model_bundle"] is None  # nothing aggregated, nothing written as the bundle's model
+    assert all(e["rounds"] == 0 for e in report["sites"].values())

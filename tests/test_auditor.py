@@ -1,0 +1,50 @@
+"""Scoring an audit (no NVFlare): cohort slices, locating the true slice, identification, the CLI."""
+
+import json
+
+import numpy as np
+import torch
+
+from conftest import run_cli
+from dpseg.auditor import Cohort, score
+from dpseg.datalist import resolve
+from dpseg.dptrain import LocalTrainer, PatientSlices
+
+
+def test_cohort_locates_the_trained_slice_and_identification_scores(bundle, cohort):
+    items = resolve(cohort / "site-1" / "datalist.json", "training")
+    slices = Cohort(items, bundle.volume_transforms())
+    assert slices.slices.shape[1:] == (128, 128) and len(slices) == len(slices.owners)
+    data = PatientSlices(items, bundle.train_transforms())
+    x, _ = data.batch([2])
+    index = slices.locate(x[0, 0].numpy(), 2)
+    assert slices.owners[index, 0] == 2
+    assert np.abs((slices.slices[index] - slices.slices[index].mean()) - (x[0, 0].numpy() - x[0, 0].numpy().mean())).max() < 1e-4
+    perfect = score(x[:, 0].numpy(), x[:, 0].numpy(), slices, [index])
+    assert perfect["ssim"] > 0.99 and perfect["identified"] == 1.0 and perfect["patient_identified"] == 1.0
+    blank = score(np.zeros((1, 128, 128), np.float32), x[:, 0].numpy(), slices, [index])
+    assert blank["ssim"] < 0.5 and blank["psnr"] < perfect["psnr"]
+
+
+def test_audit_cli_on_a_saved_update(bundle, cohort, tmp_path):
+    datalist = cohort / "site-1" / "datalist.json"
+    net = bundle.network()
+    global_state = {k: v.clone() for k, v in net.state_dict().items()}
+    trainer = LocalTrainer(net, bundle.loss(), PatientSlices(resolve(datalist, "training"), bundle.train_transforms()),
+                           0.01, 1, None, seed=0, optimizer="sgd", sampling="fixed", record=True)
+    trainer.run(1)
+    update = {k: net.state_dict()[k] - global_state[k] for k, _ in net.named_parameters()}
+    torch.save(update, tmp_path / "update.pt")
+    torch.save(global_state, tmp_path / "model.pt")
+    torch.save(trainer.batches, tmp_path / "batches.pt")
+    out = tmp_path / "audit"
+    result = run_cli("audit", "--update", str(tmp_path / "update.pt"), "--model", str(tmp_path / "model.pt"),
+                     "--data", str(tmp_path / "batches.pt"), "--datalist", str(datalist), "--out", str(out),
+                     "--iterations", "4", "--restarts", "1", "--local-lr", "0.01", "--json", str(tmp_path / "m.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["iterations"] == 4 and metrics["patients_in_update"] == 1 and metrics["dp"] is False
+    assert -1 <= metrics["ssim"] <= 1 and metrics["chance"] == 1 / metrics["cohort_slices"]
+    assert (out / "comparison.png").stat().st_size > 0 and np.load(out / "reconstruction.npy").shape == (1, 128, 128)
+    missing = run_cli("audit", "--update", str(tmp_path / "update.pt"), "--data", str(tmp_path / "batches.pt"))
+    assert missing.returncode == 2 and "--model" in missing.stderr
