@@ -2,6 +2,7 @@ import json
 
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
+from conftest import run_cli
 from dpseg.workspace import allow_dpseg
 
 
@@ -15,3 +16,19 @@ def test_allow_list_adds_dpseg_and_keeps_the_rest(tmp_path):
     assert set(DEFAULT_CLASS_ALLOW_LIST) <= set(data["class_allow_list"])
     allow_dpseg(tmp_path)  # idempotent
     assert json.loads(path.read_text())["class_allow_list"].count("dpseg.") == 1
+
+
+def test_init_workspace_writes_the_sites_own_settings(tmp_path):
+    kit = tmp_path / "site-1"
+    (kit / "local").mkdir(parents=True)
+    (kit / "local" / "dpseg_site.json").write_text(json.dumps({"ledger": "/secure/l.json", "total_epsilon": 5}))
+    result = run_cli("init-workspace", str(kit), "--data-root", "data", "--total-epsilon", "20", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((kit / "local" / "dpseg_site.json").read_text())
+    assert settings == {"ledger": "/secure/l.json", "total_epsilon": 20.0, "data_root": str(tmp_path / "data")}
+    from dpseg.site import load_site_settings
+
+    (tmp_path / "data" / "site-1").mkdir(parents=True)
+    (tmp_path / "data" / "site-1" / "datalist.json").write_text("{}")
+    loaded = load_site_settings("site-1", kit)
+    assert loaded.datalist == tmp_path / "data" / "site-1" / "datalist.json" and loaded.total_epsilon == 20.0

@@ -83,10 +83,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_init_workspace(args: argparse.Namespace) -> int:
-    from dpseg.workspace import allow_dpseg
+    from dpseg.workspace import allow_dpseg, write_site_settings
 
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).absolute()) if path else None
+
+    site = {"datalist": absolute(args.datalist), "data_root": absolute(args.data_root),
+            "total_epsilon": args.total_epsilon, "ledger": absolute(args.ledger)}
     for folder in args.workspace:
         print(f"wrote {allow_dpseg(Path(folder))} (class allow-list: NVFlare's defaults + dpseg.)")
+        if any(v is not None for v in site.values()):
+            print(f"wrote {write_site_settings(Path(folder), site)} (the site's own settings)")
     return 0
 
 
@@ -186,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-workspace", help="allow dpseg's components in an NVFlare simulator workspace or startup kit")
     p.add_argument("workspace", nargs="+", help="simulator workspace (-w) or a site's / the server's startup-kit folder")
+    p.add_argument("--datalist", help="site setting: the site's datalist ({site} is replaced by the site name)")
+    p.add_argument("--data-root", help="site setting: else <data-root>/<site>/datalist.json")
+    p.add_argument("--total-epsilon", type=float, help="site setting: total epsilon budget across all jobs")
+    p.add_argument("--ledger", help="site setting: the privacy ledger file ({site} is replaced)")
     p.set_defaults(func=cmd_init_workspace)
 
     p = sub.add_parser("report", help="privacy and utility report of a finished NVFlare workspace")

@@ -38,3 +38,16 @@ def allow_dpseg(workspace: Path) -> Path:
     resources["class_allow_list"] = allow
     target.write_text(json.dumps(resources, indent=2) + "\n")
     return target
+
+
+def write_site_settings(kit: Path, settings: dict) -> Path:
+    """Write a site's own settings (data location, total epsilon budget, ledger) into
+    ``<kit>/local/dpseg_site.json``, keeping keys already there that ``settings`` does not set."""
+    from dpseg.site import SITE_FILE
+
+    target = Path(kit) / SITE_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    current = json.loads(target.read_text()) if target.exists() else {}
+    current.update({k: v for k, v in settings.items() if v is not None})
+    target.write_text(json.dumps(current, indent=2) + "\n")
+    return target
