@@ -9,7 +9,7 @@ DEMO ?= demo
 export PYTHONUNBUFFERED := 1
 SHELL := /bin/bash
 
-.PHONY: install test demo demo-baseline bench clean
+.PHONY: install test demo demo-baseline bench monailabel-check clean
 
 install: $(STAMP)
 
@@ -53,5 +53,28 @@ demo-baseline: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m dpseg.bench --json bench.json
 
+# MONAI Label 0.8.5 in its own environment (its own torch), built once into a cache folder that
+# later runs (and fresh clones on the same machine) reuse. Pins: newer fastapi / starlette and
+# monai 1.5+ break MONAI Label 0.8.5's endpoints and its inference transforms; pydicom 3 breaks
+# its import.
+MONAILABEL_VENV ?= $(HOME)/.cache/dpseg/monailabel-0.8.5
+MONAILABEL_PINS = monailabel==0.8.5 torch==2.14.1 torchvision==0.29.1 monai==1.4.0 fastapi==0.115.12 \
+	pydicom==2.4.4 dicomweb-client==0.59.1 pynetdicom==2.0.2
+MLCHECK ?= monailabel_check
+MLCHECK_PORT ?= 8765
+
+$(MONAILABEL_VENV)/.installed:
+	$(PYTHON) -m venv $(MONAILABEL_VENV)
+	$(MONAILABEL_VENV)/bin/python -m pip install -q --upgrade pip
+	$(MONAILABEL_VENV)/bin/python -m pip install -q $(MONAILABEL_PINS)
+	touch $@
+
+# The bundle in the real MONAI Label server over HTTP: /info, /infer (shape, affine, Dice), /train.
+monailabel-check: $(STAMP) $(MONAILABEL_VENV)/.installed
+	rm -rf $(MLCHECK)
+	$(BIN)/dpseg synth --out $(MLCHECK)/data --sites 1 --patients 15 --seed 3
+	$(BIN)/dpseg monailabel-check --venv $(MONAILABEL_VENV) --datalist $(MLCHECK)/data/site-1/datalist.json \
+	    --work $(MLCHECK)/work --port $(MLCHECK_PORT)
+
 clean:
-	rm -rf $(DEMO) .pytest_cache
+	rm -rf $(DEMO) $(MLCHECK) .pytest_cache

@@ -168,6 +168,23 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monailabel_check(args: argparse.Namespace) -> int:
+    from dpseg.labelserver import LabelServerError, check
+
+    try:
+        figures = check(Path(args.venv), Path(args.datalist), Path(args.work), args.port, args.patients,
+                        args.train_epochs, progress=lambda m: print(m, flush=True))
+    except LabelServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(figures, indent=1))
+    if figures["mean_dice"] < args.min_dice:
+        print(f"error: mean Dice {figures['mean_dice']:.4f} below {args.min_dice}: the weights did not load?",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpseg", description=(
         "Federated CT liver segmentation with patient-level differential privacy."))
@@ -230,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images to reconstruct for --label joint (default: from the meta, else 1)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("monailabel-check", help="the bundle in a real MONAI Label server: /info, /infer, /train")
+    p.add_argument("--venv", required=True, help="MONAI Label 0.8.5's virtual environment")
+    p.add_argument("--datalist", required=True, help="datalist whose test patients become the studies")
+    p.add_argument("--work", required=True, help="work folder (app copy, studies, predictions, server log)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--patients", type=int, default=3, help="test patients to put in the studies folder")
+    p.add_argument("--train-epochs", type=int, default=1)
+    p.add_argument("--min-dice", type=float, default=0.8, help="fail below this mean Dice (default 0.8)")
+    p.set_defaults(func=cmd_monailabel_check)
     return parser
 
 

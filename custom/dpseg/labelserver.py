@@ -1,0 +1,198 @@
+"""The bundle in a real MONAI Label server: place it in the ``monaibundle`` sample app, start the
+server on 127.0.0.1 over a studies folder, and check it through the HTTP API.
+
+MONAI Label lives in its own virtual environment (its own torch); this module only starts its
+``monailabel`` launcher and talks HTTP, so it runs in the main environment. MONAI Label loads
+weights with ``strict=False`` (a key mismatch only warns), so the check looks at the prediction:
+its shape and affine against the input volume, and its Dice against the ground truth.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from dpseg.bundle import BUNDLE_NAME, default_bundle_dir
+from dpseg.datalist import resolve
+from dpseg.metrics import dice
+
+
+class LabelServerError(RuntimeError):
+    """The MONAI Label check failed; the message says at which step."""
+
+
+def sample_app(venv: Path) -> Path:
+    """The ``monaibundle`` sample app shipped inside the MONAI Label wheel of ``venv``."""
+    for candidate in (Path(venv) / "monailabel" / "sample-apps" / "monaibundle",
+                      *Path(venv).glob("lib/python*/site-packages/monailabel/sample-apps/monaibundle")):
+        if (candidate / "main.py").is_file():
+            return candidate
+    raise LabelServerError(f"no monaibundle sample app in {venv}: is MONAI Label installed there?")
+
+
+def prepare_app(venv: Path, work: Path, bundle_root: Path | None = None) -> Path:
+    """A copy of the sample app with this project's bundle in ``model/<bundle name>/``."""
+    app = Path(work) / "app"
+    shutil.rmtree(app, ignore_errors=True)
+    shutil.copytree(sample_app(venv), app, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(bundle_root or default_bundle_dir(), app / "model" / BUNDLE_NAME,
+                    ignore=shutil.ignore_patterns("eval", "__pycache__"))
+    return app
+
+
+def prepare_studies(datalist: Path, work: Path, patients: int, split: str = "test") -> list[str]:
+    """Copy ``patients`` images of a datalist split into ``work/studies`` (labels as final labels).
+    Returns the image ids (file names without ``.nii.gz``)."""
+    studies = Path(work) / "studies"
+    (studies / "labels" / "final").mkdir(parents=True, exist_ok=True)
+    ids = []
+    for item in resolve(datalist, split)[:patients]:
+        image_id = Path(item["image"]).name.removesuffix(".nii.gz")
+        shutil.copy(item["image"], studies / f"{image_id}.nii.gz")
+        shutil.copy(item["label"], studies / "labels" / "final" / f"{image_id}.nii.gz")
+        ids.append(image_id)
+    if not ids:
+        raise LabelServerError(f"no '{split}' patients in {datalist}")
+    return ids
+
+
+class LabelServer:
+    """A running ``monailabel start_server`` (its own process group); use as a context manager."""
+
+    def __init__(self, venv: Path, app: Path, studies: Path, port: int, log: Path):
+        self.venv, self.app, self.studies, self.port, self.log = Path(venv), app, studies, port, log
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "LabelServer":
+        launcher = self.venv / "bin" / "monailabel"
+        cmd = [str(launcher), "start_server", "--app", str(self.app), "--studies", str(self.studies),
+               "--host", "127.0.0.1", "--port", str(self.port), "--conf", "models", BUNDLE_NAME,
+               "--conf", "zoo_source", "local", "--conf", "sam2", "false"]
+        # the launcher runs `python` from PATH: MONAI Label's environment must come first
+        env = {**os.environ, "PATH": f"{self.venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env.pop("PYTHONPATH", None)
+        self.proc = subprocess.Popen(cmd, cwd=self.app.parent, env=env, stdout=self.log.open("w"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=15)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        self.proc = None
+
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
+                timeout: float = 600) -> bytes:
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        if content_type:
+            req.add_header("Content-Type", content_type)
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.read()
+
+    def wait_ready(self, timeout: float = 300) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise LabelServerError(f"MONAI Label exited with code {self.proc.returncode}; see {self.log}")
+            try:
+                return json.loads(self.request("GET", "/info/", timeout=10))
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                time.sleep(2)
+        raise LabelServerError(f"MONAI Label did not answer /info/ within {timeout} s; see {self.log}")
+
+    def infer(self, model: str, image_id: str) -> bytes:
+        return self.request("POST", f"/infer/{model}?image={image_id}&output=image", body=b"params=%7B%7D",
+                            content_type="application/x-www-form-urlencoded")
+
+    def train(self, model: str, params: dict, timeout: float = 1200) -> dict:
+        """Start a training task and wait for it; returns MONAI Label's last task status."""
+        self.request("POST", f"/train/{model}", body=json.dumps(params).encode(), content_type="application/json")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            status = json.loads(self.request("GET", "/train/", timeout=30))
+            if status.get("status") in ("DONE", "ERROR", "STOPPED"):
+                return status
+            time.sleep(2)
+        raise LabelServerError(f"/train/{model} did not finish within {timeout} s")
+
+
+def model_labels(info: dict, model: str) -> list[str]:
+    """Label names MONAI Label lists for ``model`` in its /info/ answer."""
+    models = info.get("models", {})
+    if model not in models:
+        raise LabelServerError(f"/info/ does not list the model '{model}' (it lists {sorted(models)})")
+    labels = models[model].get("labels", {})
+    return sorted(labels if isinstance(labels, (dict, list)) else [])
+
+
+def check(venv: Path, datalist: Path, work: Path, port: int, patients: int = 3, train_epochs: int = 1,
+          progress=print) -> dict:
+    """Run the whole check; returns its figures or raises LabelServerError naming the failed step."""
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    app = prepare_app(venv, work)
+    ids = prepare_studies(datalist, work, patients)
+    figures: dict = {"patients": len(ids)}
+    start = time.perf_counter()
+    with LabelServer(venv, app, work / "studies", port, work / "monailabel.log") as server:
+        info = server.wait_ready()
+        figures["start_seconds"] = time.perf_counter() - start
+        labels = model_labels(info, BUNDLE_NAME)
+        if "liver" not in labels:
+            raise LabelServerError(f"/info/ lists the labels {labels} for {BUNDLE_NAME}, not 'liver'")
+        progress(f"MONAI Label up in {figures['start_seconds']:.0f} s; {BUNDLE_NAME} labels {labels}")
+        dices = []
+        for image_id in ids:
+            t0 = time.perf_counter()
+            pred_path = work / f"pred_{image_id}.nii.gz"
+            pred_path.write_bytes(server.infer(BUNDLE_NAME, image_id))
+            dices.append(score_prediction(pred_path, work / "studies" / f"{image_id}.nii.gz",
+                                          work / "studies" / "labels" / "final" / f"{image_id}.nii.gz"))
+            progress(f"/infer/{BUNDLE_NAME}?image={image_id}: Dice {dices[-1]:.4f} "
+                     f"({time.perf_counter() - t0:.1f} s), shape and affine of the input")
+        figures["dice"] = dices
+        figures["mean_dice"] = float(np.mean(dices))
+        t0 = time.perf_counter()
+        status = server.train(BUNDLE_NAME, {"max_epochs": train_epochs, "val_split": 0.0, "multi_gpu": False})
+        figures["train_seconds"] = time.perf_counter() - t0
+        figures["train_status"] = status.get("status")
+        if status.get("status") != "DONE":
+            raise LabelServerError(f"/train/{BUNDLE_NAME} ended with status {status.get('status')}: "
+                                   f"{str(status.get('details', ''))[-500:]}")
+        progress(f"/train/{BUNDLE_NAME}: {train_epochs} epoch(s), {figures['train_status']} "
+                 f"in {figures['train_seconds']:.0f} s")
+    return figures
+
+
+def score_prediction(pred_path: Path, image_path: Path, label_path: Path) -> float:
+    """Dice of a returned label volume; it must have the input's shape and affine."""
+    pred, image = nib.load(str(pred_path)), nib.load(str(image_path))
+    if pred.shape[:3] != image.shape[:3]:
+        raise LabelServerError(f"{pred_path.name}: shape {pred.shape} differs from the input's {image.shape}")
+    if not np.allclose(pred.affine, image.affine, atol=1e-3):
+        raise LabelServerError(f"{pred_path.name}: affine differs from the input's:\n{pred.affine}\n{image.affine}")
+    truth = np.asarray(nib.load(str(label_path)).dataobj) > 0
+    return dice(np.asarray(pred.dataobj).reshape(truth.shape) > 0, truth)
