@@ -31,3 +31,20 @@ def test_an_accepted_job_is_calibrated_for_all_rounds(cohort, tmp_path):
     learner._start_privacy(num_rounds=3, fl_ctx=None)
     assert learner.accountant.settings.steps == 3 * 2
     assert Ledger.open(tmp_path / "ledger.json", 20.0).committed() == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("args, error, name", [
+    ({"learning_rate": "$__import__('os').system('touch pwned')"}, TypeError, "learning_rate"),
+    ({"batch_size": "16"}, TypeError, "batch_size"),
+    ({"dp": "false"}, TypeError, "dp"),
+    ({"accountant": "$@network_def"}, ValueError, "accountant"),
+    ({"optimizer": "torch.optim.LBFGS"}, ValueError, "optimizer"),
+])
+def test_job_arguments_are_plain_values_never_code(args, error, name):
+    with pytest.raises(error, match=name):
+        SiteLearner(**args)
+
+
+def test_a_job_cannot_point_a_site_at_another_bundle():
+    with pytest.raises(TypeError):  # no argument takes a bundle path or config: the site's installed copy only
+        SiteLearner(bundle_root="/tmp/evil_bundle")

@@ -50,11 +50,13 @@ class PatientSlices:
     """A site's patients as a dataset: ``batch(indices)`` gives one random slice per patient.
 
     The deterministic part of the bundle's transforms (load, orient, resample, window) is cached
-    once; the random slice draw runs on every access.
+    once; the random slice draw runs on every access, seeded by ``seed`` if given.
     """
 
-    def __init__(self, items: list[dict], train_transforms):
+    def __init__(self, items: list[dict], train_transforms, seed: int | None = None):
         self.data = CacheDataset(items, train_transforms, cache_rate=1.0, num_workers=0, progress=False)
+        if seed is not None:  # the random slice draws and intensity shifts (else MONAI's global state)
+            train_transforms.set_random_state(seed=seed)
 
     def __len__(self) -> int:
         return len(self.data)

@@ -39,7 +39,7 @@ from nvflare.app_common.app_constant import AppConstants
 from dpseg.bundle import Bundle
 from dpseg.checks import check_datalist
 from dpseg.datalist import resolve
-from dpseg.dptrain import LocalTrainer, PatientSlices
+from dpseg.dptrain import OPTIMIZERS, SAMPLINGS, LocalTrainer, PatientSlices
 from dpseg.evaluate import evaluate
 from dpseg.metrics import dice
 from dpseg.privacy import Accountant, Ledger, PrivacyError, calibrate
@@ -62,6 +62,24 @@ def torch_threads(job_id: str) -> int | None:
         except ValueError:
             raise SiteConfigError(f"{THREADS_ENV}={configured!r} is not an integer") from None
     return 1 if job_id == SIMULATOR_JOB_ID else None
+
+
+CHOICES = {"accountant": ("prv", "rdp"), "optimizer": tuple(OPTIMIZERS), "sampling": SAMPLINGS}
+
+
+def check_job_arguments(**args) -> None:
+    """The job's arguments are plain values of the expected kind, never code or paths: flags are
+    booleans, settings in CHOICES one of their values, everything else a number. Raises TypeError
+    or ValueError naming the argument (the site builds nothing from a job's strings)."""
+    for name, value in args.items():
+        if name in ("dp", "record_batches"):
+            if not isinstance(value, bool):
+                raise TypeError(f"job argument {name} must be true or false, got {value!r}")
+        elif name in CHOICES:
+            if value not in CHOICES[name]:
+                raise ValueError(f"job argument {name} must be one of {CHOICES[name]}, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"job argument {name} must be a number, got {value!r}")
 
 
 def batches_path(app_dir: Path, current_round: int) -> Path:
@@ -100,6 +118,10 @@ class SiteLearner(Executor):
                  record_batches: bool = False, train_task: str = AppConstants.TASK_TRAIN,
                  validate_task: str = AppConstants.TASK_VALIDATION, log_writer_id: str = "log_writer"):
         super().__init__()
+        check_job_arguments(dp=dp, record_batches=record_batches, target_epsilon=target_epsilon, delta=delta,
+                            max_grad_norm=max_grad_norm, batch_size=batch_size, local_epochs=local_epochs,
+                            learning_rate=learning_rate, seed=seed, local_steps=local_steps,
+                            accountant=accountant, optimizer=optimizer, sampling=sampling)
         if data_source not in ("site", "synthetic"):
             raise ValueError(f"data_source must be 'site' or 'synthetic', got {data_source!r}")
         if dp and sampling != "poisson":
@@ -151,7 +173,9 @@ class SiteLearner(Executor):
         self.train_items = resolve(self.settings.datalist, "training")
         self.local_steps = self.fixed_steps if self.fixed_steps > 0 else \
             max(1, math.ceil(self.local_epochs * len(self.train_items) / self.batch_size))
-        self.data = PatientSlices(self.train_items, self.bundle.train_transforms())
+        # without DP the same seed gives the same run; with DP every random draw is fresh
+        self.data = PatientSlices(self.train_items, self.bundle.train_transforms(),
+                                  seed=secrets.randbits(31) if self.dp else self.seed)
         self.val_data = CacheDataset(resolve(self.settings.datalist, "validation"), self.bundle.volume_transforms(),
                                      cache_rate=1.0, num_workers=0, progress=False)
         self.inferer = self.bundle.inferer()

@@ -35,11 +35,15 @@ class BundlePersistor(PTFileModelPersistor):
     When NVFlare reports a new best global model (by the sites' validation Dice), a complete copy
     of the bundle is written to ``<server run folder>/bundle/<name>/`` with that model as
     ``models/model.pt`` (a plain state dict, loadable by monai.bundle and MONAI Label).
+    ``seed`` initialises the first global model (the same seed, the same initial weights).
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, seed: int = 0, **kwargs):
         self.bundle = Bundle()
-        super().__init__(model=self.bundle.network(), **kwargs)
+        with torch.random.fork_rng():  # the initial global model: the same for the same seed
+            torch.manual_seed(seed)
+            network = self.bundle.network()
+        super().__init__(model=network, **kwargs)
 
     def handle_event(self, event: str, fl_ctx: FLContext):
         super().handle_event(event, fl_ctx)

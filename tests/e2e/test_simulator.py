@@ -97,3 +97,19 @@ def test_fed_and_fed_dp_differ_only_in_dp():
         assert server["dp"] == client["dp"] and server["target_epsilon"] == client["target_epsilon"]
     assert c_dp["dp"] is True and c["dp"] is False
     assert {k: v for k, v in c_dp.items() if k != "dp"} == {k: v for k, v in c.items() if k != "dp"}
+
+
+def test_the_same_seed_gives_the_same_non_dp_model_after_one_round(cohort, tmp_path):
+    models = []
+    for run in ("a", "b"):
+        job = prepare_job("fed", tmp_path / run, rounds=1, batch_size=2, local_epochs=1.0)
+        ws = simulate_on_cohort(job, cohort, tmp_path / run)
+        saved = torch.load(next(ws.rglob("FL_global_model.pt")), weights_only=True)
+        models.append(saved.get("model", saved))
+    first, second = models
+    assert set(first) == set(second)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    from dpseg.server import BundlePersistor
+
+    initial = BundlePersistor().model.state_dict()  # the job's seeded initial global model
+    assert any(not torch.equal(first[k], v) for k, v in initial.items())  # the round changed it
