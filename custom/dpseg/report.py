@@ -64,6 +64,8 @@ def build_report(workspace: Path) -> dict:
         values = [s[key] for s in sites.values() if s.get(key) is not None]
         return sum(values) / len(values) if values else None
 
+    seen = sorted({site for rec in rounds for site in rec["sites"]})
+    missing = [{"round": rec["round"], "sites": [s for s in seen if s not in rec["sites"]]} for rec in rounds]
     audit_file = run / AUDIT_FILE
     audit = summarize_audit(json.loads(audit_file.read_text())) if audit_file.exists() else None
     bundle = next((run / BUNDLE_OUT).glob("*/models/model.pt"), None) if (run / BUNDLE_OUT).exists() else None
@@ -75,6 +77,7 @@ def build_report(workspace: Path) -> dict:
         "mean_test_dice_best": mean("test_dice_best"),
         "mean_test_dice_final": mean("test_dice_final"),
         "best_model_bundle": str(bundle.parent.parent) if bundle else None,
+        "missing_contributions": [m for m in missing if m["sites"]],
         "audit": audit,
         "problems": json.loads((run / REJECTED_FILE).read_text()) if (run / REJECTED_FILE).exists() else [],
         "notes": [
@@ -152,6 +155,8 @@ def format_report(report: dict) -> str:
                      + (f" (final model: {report['mean_test_dice_final']:.4f})" if report["mean_test_dice_final"] is not None else ""))
     if report["best_model_bundle"]:
         lines.append(f"best global model as a MONAI bundle: {report['best_model_bundle']}")
+    for m in report.get("missing_contributions", []):
+        lines.append(f"round {m['round']}: no contribution from {', '.join(m['sites'])}")
     if report.get("problems"):
         lines += ["", "missing contributions (never aggregated):"]
         lines += [f"  round {p['round']}: {p['site']} {p['kind']}: {p['reason']}" for p in report["problems"]]
