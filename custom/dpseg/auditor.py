@@ -44,7 +44,7 @@ from nvflare.app_common.app_event_type import AppEventType
 
 from dpseg.bundle import Bundle
 from dpseg.datalist import resolve
-from dpseg.inversion import AttackSettings, Reconstruction, invert, uninformed_guess
+from dpseg.inversion import AttackSettings, Reconstruction, invert
 from dpseg.metrics import mse, most_similar, psnr, ssim
 from dpseg.privacy import reconstruction_bound_eps_delta, reconstruction_bound_gdp
 from dpseg.report import AUDIT_FILE
@@ -101,11 +101,20 @@ def score(reconstruction: np.ndarray, truths: np.ndarray, cohort: Cohort | None 
     return {k: float(np.mean(v)) for k, v in out.items() if v}
 
 
+def attack_settings(training: dict, **attack) -> AttackSettings:
+    """The attack (``attack``: iterations, restarts, label, simulate, seed) with the site's public
+    local-training settings (``training``: local_steps, learning_rate, batch_size)."""
+    return AttackSettings(**attack, local_steps=int(training.get("local_steps", 1)),
+                          local_lr=float(training.get("learning_rate", 1.0)),
+                          batch_size=max(1, round(float(training.get("batch_size", 1)))))
+
+
 def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dict, settings: AttackSettings,
                  images: torch.Tensor, labels: torch.Tensor, cohort: Cohort | None = None,
-                 true_indices: list[int] | None = None, privacy: dict | None = None,
+                 patients: list[int] | None = None, privacy: dict | None = None,
                  out_dir: Path | None = None, progress=None) -> dict:
-    """Attack one update and score it against the true batch (``images``, ``labels``: (T, 1, H, W)).
+    """Attack one update and score it against the true batch (``images``, ``labels``: (T, 1, H, W);
+    ``patients``: their indices in the cohort's items, for identification).
 
     Returns scalar metrics only: the reconstruction's scores, the uninformed baselines (the attack's
     random start and the cohort's mean slice), identification against the cohort with its chance
@@ -118,11 +127,11 @@ def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dic
     rec: Reconstruction = invert(network, loss_fn, update, settings, shape,
                                  label=labels if settings.label == "known" else None, progress=progress)
     recon, truths = rec.images[:, 0].numpy(), images[:, 0].numpy()
+    true_indices = [cohort.locate(t, p) for t, p in zip(truths, patients)] if cohort is not None else None
     metrics = {"patients_in_update": len(images), "label": settings.label, "simulate": settings.simulate,
                "iterations": rec.iterations, "restarts": settings.restarts, "seconds": rec.seconds,
                "matching_loss": rec.matching_loss, **score(recon, truths, cohort, true_indices)}
-    random_start = uninformed_guess(shape, settings)[:, 0].numpy()
-    metrics["baseline_ssim_random"] = score(random_start, truths)["ssim"]
+    metrics["baseline_ssim_random"] = score(rec.initial[:, 0].numpy(), truths)["ssim"]
     if cohort is not None:
         metrics["baseline_ssim_mean_image"] = score(cohort.mean_image[None], truths)["ssim"]
         metrics["cohort_slices"] = len(cohort)
@@ -348,16 +357,12 @@ class SiteAuditor(Executor):
         if not batch["patients"]:
             self.log_info(fl_ctx, "no patient in the audited update (empty Poisson sample): nothing to reconstruct")
             return {"patients_in_update": 0, **privacy_bounds(privacy, None)}
-        attack = AttackSettings(**dxo.get_meta_prop("attack"), local_steps=int(training.get("local_steps", 1)),
-                                local_lr=float(training.get("learning_rate", 1.0)),
-                                batch_size=max(1, round(float(training.get("batch_size", 1)))))
+        attack = attack_settings(training, **dxo.get_meta_prop("attack"))
         network = bundle.network()
         network.load_state_dict({k: torch.as_tensor(v) for k, v in dxo.data["global"].items()}, strict=True)
         update = {k: torch.as_tensor(v) for k, v in dxo.data["update"].items()}
-        images, labels = batch["images"], batch["labels"]
-        truth_index = [self.cohort.locate(img[0].numpy(), p) for img, p in zip(images, batch["patients"])]
-        metrics = audit_update(network, bundle.loss(), update, attack, images, labels, self.cohort, truth_index,
-                               privacy, out_dir, progress=lambda m: self.log_info(fl_ctx, m))
+        metrics = audit_update(network, bundle.loss(), update, attack, batch["images"], batch["labels"], self.cohort,
+                               batch["patients"], privacy, out_dir, progress=lambda m: self.log_info(fl_ctx, m))
         self.log_info(fl_ctx, f"audit: SSIM {metrics['ssim']:.3f} (baseline {metrics['baseline_ssim']:.3f}), "
                               f"identified {metrics['identified']:.2f}, {metrics['seconds']:.0f} s; "
                               f"reconstruction and figure in {out_dir}")

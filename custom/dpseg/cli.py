@@ -123,10 +123,9 @@ def _load_torch(path: str, what: str):
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Attack one saved update outside NVFlare and score it against the site's true batch."""
-    from dpseg.auditor import Cohort, audit_update
+    from dpseg.auditor import Cohort, attack_settings, audit_update
     from dpseg.bundle import Bundle
     from dpseg.datalist import resolve
-    from dpseg.inversion import AttackSettings
 
     record = _load_torch(args.update, "update")
     meta = {}
@@ -145,22 +144,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if not batch.get("patients", [0]) or "images" not in batch:
         print(f"error: {args.data} holds no image for step {args.step} (an empty Poisson sample?)", file=sys.stderr)
         return 2
-    training = meta.get("training") or {}
-    settings = AttackSettings(iterations=args.iterations, restarts=args.restarts, label=args.label,
-                              simulate=args.simulate, seed=args.seed,
-                              local_steps=args.local_steps or int(training.get("local_steps", 1)),
-                              local_lr=args.local_lr or float(training.get("learning_rate", 1.0)),
-                              batch_size=args.batch_size or max(1, round(float(training.get("batch_size", 1)))))
+    given = {"local_steps": args.local_steps, "learning_rate": args.local_lr, "batch_size": args.batch_size}
+    training = {**(meta.get("training") or {}), **{k: v for k, v in given.items() if v}}
+    settings = attack_settings(training, iterations=args.iterations, restarts=args.restarts, label=args.label,
+                               simulate=args.simulate, seed=args.seed)
     bundle = Bundle()
     network = bundle.network()
     network.load_state_dict(global_state, strict=True)
-    cohort, truth_index = None, None
+    cohort = None
     if args.datalist:
         print(f"loading the training slices of {args.datalist} for identification", flush=True)
         cohort = Cohort(resolve(Path(args.datalist), "training"), bundle.volume_transforms())
-        truth_index = [cohort.locate(img[0].numpy(), p) for img, p in zip(batch["images"], batch["patients"])]
     metrics = audit_update(network, bundle.loss(), update, settings, batch["images"], batch["labels"], cohort,
-                           truth_index, meta.get("privacy"), Path(args.out) if args.out else None,
+                           batch.get("patients"), meta.get("privacy"), Path(args.out) if args.out else None,
                            progress=lambda m: print(m, flush=True))
     print(json.dumps(metrics, indent=1))
     if args.json:

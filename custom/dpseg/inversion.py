@@ -68,13 +68,15 @@ class AttackSettings:
 @dataclass
 class Reconstruction:
     """images (B, 1, H, W) in [0, 1]; labels (B, 1, H, W) in {0, 1} (known or estimated);
-    matching_loss of the kept restart; seconds of wall time; iterations in all restarts."""
+    matching_loss of the kept restart; seconds of wall time; iterations in all restarts;
+    initial: the first restart's random start (B, 1, H, W), the uninformed guess."""
 
     images: torch.Tensor
     labels: torch.Tensor
     matching_loss: float
     seconds: float
     iterations: int
+    initial: torch.Tensor
 
 
 def total_variation(images: torch.Tensor) -> torch.Tensor:
@@ -110,7 +112,7 @@ class UpdateModel:
 
     def __init__(self, network: torch.nn.Module, loss_fn: torch.nn.Module):
         self.network, self.loss_fn = network, loss_fn
-        self.params = {k: v.detach().clone() for k, v in network.named_parameters()}
+        self.params = {k: v.detach().clone().requires_grad_(True) for k, v in network.named_parameters()}
         self.buffers = {k: v.detach() for k, v in network.named_buffers()}
         self.names = list(self.params)
 
@@ -124,14 +126,13 @@ class UpdateModel:
                 create_graph: bool = True) -> list[torch.Tensor]:
         """The parameters' descent direction the batch gives: the gradient ("single") or
         (theta_0 - theta_T) / lr after ``local_steps`` differentiable SGD steps ("unroll")."""
-        params = {k: v.requires_grad_(True) if not v.requires_grad else v for k, v in self.params.items()}
         if settings.simulate == "single" or settings.local_steps == 1:
-            return self.gradient(params, images, target, loss_fn, create_graph)
-        current = dict(params)
+            return self.gradient(self.params, images, target, loss_fn, create_graph)
+        current = dict(self.params)
         for _ in range(settings.local_steps):
             grads = self.gradient(current, images, target, loss_fn, create_graph)
             current = {k: v - settings.local_lr * g for (k, v), g in zip(current.items(), grads)}
-        return [(params[k] - current[k]) / settings.local_lr for k in self.names]
+        return [(self.params[k] - current[k]) / settings.local_lr for k in self.names]
 
 
 def observed_descent(update: dict[str, torch.Tensor], names: list[str]) -> list[torch.Tensor]:
@@ -147,8 +148,7 @@ def informative(model: UpdateModel, shape: tuple[int, ...], generator: torch.Gen
     image and mask: e.g. a convolution bias followed by instance norm gets ~1e-8)."""
     probe = torch.rand(shape, generator=generator)
     mask = (torch.rand(shape, generator=generator) > 0.5).float()
-    params = {k: v.clone().requires_grad_(True) for k, v in model.params.items()}
-    grads = model.gradient(params, probe, mask, create_graph=False)
+    grads = model.gradient(model.params, probe, mask, create_graph=False)
     norms = torch.stack([g.norm() for g in grads])
     return [bool(n > 1e-5 * norms.max()) for n in norms]
 
@@ -172,8 +172,11 @@ def invert(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dict[str,
     observed = [o for o, k in zip(observed, keep) if k]
     joint_loss = one_hot_loss(loss_fn) if settings.label == "joint" else None
     best: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    initial = None
     for restart in range(settings.restarts):
         images = torch.rand(shape, generator=generator).requires_grad_(True)
+        if initial is None:
+            initial = images.detach().clone()
         variables = [images]
         mask_logits = None
         if settings.label == "joint":
@@ -206,14 +209,5 @@ def invert(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dict[str,
             estimated = (target[:, 1:2] > 0.5).float() if mask_logits is not None else label
             best = (final, images.detach().clone(), estimated.detach().clone())
     seconds = time.perf_counter() - start
-    return Reconstruction(best[1], best[2], best[0], seconds, settings.iterations * settings.restarts)
-
-
-def uninformed_guess(image_shape: tuple[int, int], settings: AttackSettings) -> torch.Tensor:
-    """The attack's starting point without any update: its first random initialisation (1, H, W)."""
-    generator = torch.Generator().manual_seed(settings.seed)
-    shape = (settings.batch_size, 1, *image_shape)
-    torch.rand(shape, generator=generator)  # the probe image of ``informative``
-    torch.rand(shape, generator=generator)  # the probe mask
-    return torch.rand(shape, generator=generator)
+    return Reconstruction(best[1], best[2], best[0], seconds, settings.iterations * settings.restarts, initial)
 

@@ -66,6 +66,21 @@ def prepare_studies(datalist: Path, work: Path, patients: int, split: str = "tes
     return ids
 
 
+def stop_process_group(proc: subprocess.Popen, grace: float) -> None:
+    """Stop a process started with ``start_new_session=True`` and everything in its group:
+    SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class LabelServer:
     """A running ``monailabel start_server`` (its own process group); use as a context manager."""
 
@@ -90,18 +105,8 @@ class LabelServer:
         self.stop()
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=15)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        if self.proc is not None:
+            stop_process_group(self.proc, grace=15)
         self.proc = None
 
     def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,

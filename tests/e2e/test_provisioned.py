@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from dpseg.labelserver import stop_process_group
 from dpseg.report import build_report
 from dpseg.workspace import allow_dpseg
 from test_simulator import prepare_job
@@ -58,16 +59,7 @@ class Processes:
 
     def stop(self, marker: str) -> None:
         for proc in self.procs:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=10)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+            stop_process_group(proc, grace=10)
         for pid in leftover_pids(marker):  # job processes the server or a site spawned
             os.kill(pid, signal.SIGKILL)
 
