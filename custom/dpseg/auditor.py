@@ -321,12 +321,11 @@ class SiteAuditor(Executor):
             return reply
 
     def _execute(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        from dpseg.learner import ERROR_HEADER, batches_path
+        from dpseg.learner import ERROR_HEADER, batches_path, site_folders
         from dpseg.site import SiteConfigError, load_site_settings
 
-        engine, site = fl_ctx.get_engine(), fl_ctx.get_identity_name()
-        workspace = engine.get_workspace()
-        app_dir = Path(workspace.get_app_dir(str(fl_ctx.get_job_id())))
+        site = fl_ctx.get_identity_name()
+        app_dir, root = site_folders(fl_ctx)
         dxo = from_shareable(shareable)
         current_round = int(dxo.get_meta_prop("round"))
         try:
@@ -339,7 +338,7 @@ class SiteAuditor(Executor):
         bundle = Bundle()
         if self.cohort is None:
             try:
-                settings = load_site_settings(site, Path(workspace.get_root_dir()), None, require_budget=False)
+                settings = load_site_settings(site, root, None, require_budget=False)
             except SiteConfigError as err:
                 reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
                 reply.set_header(ERROR_HEADER, str(err))

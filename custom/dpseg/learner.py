@@ -30,7 +30,7 @@ from monai.data import CacheDataset
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -80,6 +80,19 @@ def check_job_arguments(**args) -> None:
                 raise ValueError(f"job argument {name} must be one of {CHOICES[name]}, got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"job argument {name} must be a number, got {value!r}")
+
+
+def site_folders(fl_ctx: FLContext) -> tuple[Path, Path]:
+    """(this site's app folder of the running job, the site's workspace root). From the task's FL
+    context (APP_ROOT): in the simulator, ``engine.get_workspace()`` could give another site's
+    workspace when several sites share a process. The root is two levels up
+    (``<root>/<job id>/app_<site>``)."""
+    app_root = fl_ctx.get_prop(FLContextKey.APP_ROOT)
+    if app_root:
+        app_dir = Path(app_root)
+    else:
+        app_dir = Path(fl_ctx.get_engine().get_workspace().get_app_dir(str(fl_ctx.get_job_id())))
+    return app_dir, app_dir.parents[1]
 
 
 def batches_path(app_dir: Path, current_round: int) -> Path:
@@ -147,16 +160,13 @@ class SiteLearner(Executor):
     def _setup(self, fl_ctx: FLContext) -> None:
         if self.ready:
             return
-        engine = fl_ctx.get_engine()
         self.site = fl_ctx.get_identity_name()
         self.job_id = str(fl_ctx.get_job_id())
         threads = torch_threads(self.job_id)
         if threads:
             torch.set_num_threads(threads)
         self.log_info(fl_ctx, f"torch uses {torch.get_num_threads()} CPU threads at {self.site}")
-        workspace = engine.get_workspace()
-        self.app_dir = Path(workspace.get_app_dir(self.job_id))
-        root = Path(workspace.get_root_dir())
+        self.app_dir, root = site_folders(fl_ctx)
         synthetic_root = self._synthetic_cohort(root, fl_ctx) if self.data_source == "synthetic" else None
         self.settings = load_site_settings(self.site, root, synthetic_root, require_budget=self.dp)
         report = check_datalist(self.settings.datalist)
