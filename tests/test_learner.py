@@ -1,16 +1,17 @@
 import pytest
 
 from dpseg.datalist import resolve
-from dpseg.learner import SiteLearner
+from dpseg.learner import SIMULATOR_JOB_ID, SiteLearner, ledger_entry
 from dpseg.privacy import Ledger, PrivacyError, calibrate
 from dpseg.site import SiteSettings
 
 
-def _learner(cohort, tmp_path, budget):
-    learner = SiteLearner(dp=True, target_epsilon=8.0, batch_size=2, local_epochs=1.0)
+def _learner(cohort, tmp_path, budget, job_id="job-2", resume=None):
+    learner = SiteLearner(dp=True, target_epsilon=8.0, batch_size=2, local_epochs=1.0, resume=resume)
     datalist = cohort / "site-1" / "datalist.json"
     learner.settings = SiteSettings("site-1", datalist, tmp_path / "ledger.json", budget)
-    learner.app_dir, learner.job_id = tmp_path, "job-2"
+    learner.app_dir, learner.job_id, learner.site = tmp_path, job_id, "site-1"
+    learner.ledger_entry = ledger_entry(job_id, "site-1", resume or {})
     learner.train_items = resolve(datalist, "training")
     learner.local_steps = 2
     return learner
@@ -33,7 +34,42 @@ def test_an_accepted_job_is_calibrated_for_all_rounds(cohort, tmp_path):
     assert Ledger.open(tmp_path / "ledger.json", 20.0).committed() == pytest.approx(8.0)
 
 
+def test_a_resumed_job_continues_the_stopped_jobs_accountant(cohort, tmp_path):
+    stopped = _learner(cohort, tmp_path, 20.0, job_id="job-1")
+    stopped._start_privacy(num_rounds=3, fl_ctx=None)  # planned 3 rounds x 2 steps
+    stopped.accountant.step(2)  # round 0 done, then the job stopped
+    stopped._save_privacy_state()
+    spent = stopped.accountant.epsilon()
+    resumed = _learner(cohort, tmp_path, 20.0, job_id="job-7", resume={"site-1": "job-1"})
+    resumed._start_privacy(num_rounds=2, fl_ctx=None)  # the 2 rounds left
+    assert resumed.accountant.steps == 2 and resumed.accountant.epsilon() == pytest.approx(spent) and spent > 0
+    ledger = Ledger.open(tmp_path / "ledger.json", 20.0)
+    assert list(ledger.jobs) == ["job-1"] and ledger.jobs["job-1"]["continued_by"] == ["job-7"]
+    assert ledger.committed() == pytest.approx(8.0)  # counted once
+    resumed.accountant.step(4)
+    resumed._save_privacy_state()
+    # a site whose plan is used up (it trained a round the server never completed) continues with more noise
+    used_up = _learner(cohort, tmp_path, 20.0, job_id="job-8", resume={"site-1": "job-1"})
+    used_up._start_privacy(num_rounds=1, fl_ctx=None)
+    s = used_up.accountant.settings
+    assert s.steps == 8 and s.noise_multiplier > stopped.accountant.settings.noise_multiplier
+    used_up.accountant.step(2)
+    assert used_up.accountant.epsilon() <= 8.0
+    unknown = _learner(cohort, tmp_path, 20.0, job_id="job-9", resume={"site-1": "job-0"})
+    with pytest.raises(PrivacyError, match="resumes ledger entry job-0, which has no saved accountant"):
+        unknown._start_privacy(num_rounds=2, fl_ctx=None)
+
+
+def test_every_simulator_run_gets_its_own_ledger_entry():
+    keys = {ledger_entry(SIMULATOR_JOB_ID, "site-1", {}) for _ in range(3)}
+    assert len(keys) == 3 and all(k.startswith(SIMULATOR_JOB_ID + "-") for k in keys)
+    assert ledger_entry("3f2a-job", "site-1", {}) == "3f2a-job"
+    assert ledger_entry(SIMULATOR_JOB_ID, "site-1", {"site-1": "old", "site-2": "x"}) == "old"
+
+
 @pytest.mark.parametrize("args, error, name", [
+    ({"resume": {"site-1": "../other/ledger"}}, ValueError, "resume"),
+    ({"resume": "job-1"}, ValueError, "resume"),
     ({"learning_rate": "$__import__('os').system('touch pwned')"}, TypeError, "learning_rate"),
     ({"batch_size": "16"}, TypeError, "batch_size"),
     ({"dp": "false"}, TypeError, "dp"),

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from dpseg.privacy import Accountant, Ledger, PrivacyError, calibrate
+from dpseg.privacy import Accountant, Ledger, PrivacyError, calibrate, continue_accountant, replan
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
@@ -59,11 +59,13 @@ def test_ledger_starts_at_zero_accumulates_and_refuses(tmp_path):
     ledger = Ledger.open(path, total_epsilon=10.0)
     assert ledger.committed() == 0.0 and not path.exists()
     ledger.reserve("job-a", s)
-    ledger.record("job-a", 3.9, 30)
+    spent = Accountant(s)
+    spent.step(30)
+    ledger.record("job-a", spent)
     ledger = Ledger.open(path, total_epsilon=10.0)  # a second job, later
     ledger.reserve("job-b", s)
     assert ledger.committed() == pytest.approx(8.0)
-    assert ledger.spent()[0] == pytest.approx(3.9)
+    assert ledger.spent()[0] == pytest.approx(spent.epsilon()) and 3.9 < spent.epsilon() <= 4.0
     third = Ledger.open(path, total_epsilon=10.0)
     with pytest.raises(PrivacyError, match="privacy budget exceeded.*job-c needs 4.000"):
         third.reserve("job-c", s)
@@ -76,6 +78,38 @@ def test_reserving_the_same_job_twice_counts_once(tmp_path):
     ledger.reserve("job-a", s)
     Ledger.open(tmp_path / "l.json", 5.0).reserve("job-a", s)  # a resumed job
     assert Ledger.open(tmp_path / "l.json", 5.0).committed() == pytest.approx(4.0)
+
+
+def test_a_stopped_job_continues_its_saved_accountant_from_the_ledger(tmp_path):
+    s = calibrate(4.0, 1e-5, 1.0, 16, 84, 30)
+    ledger = Ledger.open(tmp_path / "l.json", 10.0)
+    ledger.reserve("job-a", s)
+    first = Accountant(s)
+    first.step(10)
+    ledger.record("job-a", first)
+    ledger = Ledger.open(tmp_path / "l.json", 10.0)  # the site restarts
+    same = dict(target_epsilon=4.0, delta=1e-5, max_grad_norm=1.0, batch_size=16, sample_rate=16 / 84, accountant="prv")
+    assert continue_accountant(ledger, "job-b", 20, **same) is None  # nothing saved for another job
+    acc = continue_accountant(ledger, "job-a", 20, **same)
+    assert acc.steps == 10 and acc.epsilon() == pytest.approx(first.epsilon()) and acc.epsilon() > 0
+    acc.step(20)
+    ledger.record("job-a", acc)
+    assert ledger.spent()[0] == pytest.approx(Accountant(s).epsilon_after(30))
+    ledger.note_continuation("job-a", "job-a2")
+    assert Ledger.open(tmp_path / "l.json", 10.0).jobs["job-a"]["continued_by"] == ["job-a2"]
+    # the plan is used up (its site trained rounds the server never completed): more steps get more noise
+    more = continue_accountant(ledger, "job-a", 10, **same)
+    assert more.steps == 30 and more.settings.steps == 40 and more.settings.noise_multiplier > s.noise_multiplier
+    before = more.epsilon()
+    more.step(10)
+    assert before < more.epsilon() <= 4.0
+    with pytest.raises(PrivacyError, match="step 41 refused"):
+        more.step(1)
+    overspent = Accountant(s, [(s.noise_multiplier / 2, s.sample_rate, 30)])
+    with pytest.raises(PrivacyError, match="no noise fits 10 more steps: refused"):
+        replan(overspent, 10)
+    with pytest.raises(PrivacyError, match="cannot continue ledger entry job-a.*sample_rate"):
+        continue_accountant(ledger, "job-a", 0, **{**same, "sample_rate": 16 / 90})
 
 
 @pytest.mark.parametrize("damage", ["truncate", "edit", "garbage"])

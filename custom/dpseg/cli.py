@@ -17,7 +17,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from dpseg.datalist import read_datalist, write_datalist
+    from dpseg.datalist import write_pooled
     from dpseg.synthetic import write_cohort
 
     start = time.perf_counter()
@@ -27,10 +27,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
             print(f"  {site}: {done}/{total} patients ({time.perf_counter() - start:.1f} s)", flush=True)
 
     datalists = write_cohort(Path(args.out), args.sites, args.patients, args.seed, progress)
-    pooled = {split: [{k: (f"{d.parent.name}/{v}" if k in ("image", "label") else v) for k, v in it.items()}
-                      for d in datalists for it in read_datalist(d)[split]]
-              for split in ("training", "validation", "test")}
-    write_datalist(Path(args.out) / "datalist.json", pooled, description="synthetic CT, all sites pooled")
+    write_pooled(datalists, Path(args.out) / "datalist.json", description="synthetic CT, all sites pooled")
     for d in datalists:
         print(f"wrote {d}")
     print(f"wrote {Path(args.out) / 'datalist.json'} (all sites pooled) in {time.perf_counter() - start:.1f} s")
@@ -38,7 +35,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_split_msd(args: argparse.Namespace) -> int:
-    from dpseg.datalist import DatalistError, split_msd
+    from dpseg.datalist import DatalistError, split_msd, write_pooled
 
     try:
         datalists = split_msd(Path(args.msd), Path(args.out), args.sites, args.seed)
@@ -47,6 +44,7 @@ def cmd_split_msd(args: argparse.Namespace) -> int:
         return 2
     for d in datalists:
         print(f"wrote {d}")
+    print(f"wrote {write_pooled(datalists, Path(args.out) / 'datalist.json')} (all sites pooled)")
     return 0
 
 
@@ -109,6 +107,41 @@ def cmd_report(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(format_report(report))
     print(f"\nwrote {out}")
+    return 0
+
+
+def cmd_resume_job(args: argparse.Namespace) -> int:
+    from dpseg.resume import ResumeError, resume_job
+
+    try:
+        summary = resume_job(Path(args.run), Path(args.job), Path(args.out))
+    except ResumeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"resume point: {summary['resume_point']}")
+    print(f"wrote {args.out}: rounds {summary['next_round']}..{summary['end_round'] - 1} "
+          f"({summary['rounds_left']} left) from the saved global model")
+    for site, entry in sorted(summary["ledger_entries"].items()):
+        print(f"  {site} continues its ledger entry {entry}")
+    if not summary["ledger_entries"]:
+        print("  no site reported a ledger entry (a job without DP): sites start fresh")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from dpseg.study import GRIDS, Study, run_study
+
+    grid = GRIDS[args.grid]
+    work = Path(args.work or f"study_{grid.name}")
+    cohort = Path(args.data) if args.data else work / "cohort"
+    if not args.data and not (cohort / "datalist.json").exists():
+        print(f"writing the synthetic cohort ({', '.join(map(str, grid.patients))} patients) to {cohort}", flush=True)
+        cmd_synth(argparse.Namespace(out=str(cohort), sites=len(grid.patients), patients=grid.patients, seed=0))
+    if not (cohort / "datalist.json").exists():
+        print(f"error: {cohort / 'datalist.json'} (all sites pooled) is missing; the pooled arm needs it", file=sys.stderr)
+        return 2
+    study = Study(grid, cohort, work, Path(args.out), progress=lambda m: print(m, flush=True))
+    run_study(study, only=set(args.only.split(",")) if args.only else None, audit=not args.no_audit)
     return 0
 
 
@@ -216,6 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workspace", help="simulator workspace (-w), or a downloaded job result folder")
     p.add_argument("--json", help="where to write the JSON report (default: WORKSPACE/dpseg_report.json)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("resume-job", help="a new job folder that continues a stopped job from its last completed round")
+    p.add_argument("run", help="the stopped job's simulator workspace (-w) or its downloaded job folder")
+    p.add_argument("--job", required=True, help="the job folder that was stopped (e.g. jobs/fed_dp)")
+    p.add_argument("--out", required=True, help="new job folder to write (must not exist)")
+    p.set_defaults(func=cmd_resume_job)
+
+    p = sub.add_parser("study", help="the privacy-utility study: local, pooled, FL, FL+DP at several epsilons, "
+                                      "and the audit at each; writes results.md and figures")
+    p.add_argument("--grid", choices=["quick", "full"], default="full",
+                   help="full: default cohort, 20 rounds, 3 seeds (hours); quick: small cohort, 1 seed (~15 min)")
+    p.add_argument("--quick", dest="grid", action="store_const", const="quick", help="same as --grid quick")
+    p.add_argument("--data", help="cohort root with site-*/datalist.json and a pooled datalist.json "
+                                   "(default: a synthetic cohort written into the work folder)")
+    p.add_argument("--work", help="work folder for jobs, workspaces and logs (default study_<grid>)")
+    p.add_argument("--out", default="docs", help="where results*.md, study_<grid>.json and figures/ go (default docs)")
+    p.add_argument("--only", help="comma-separated arm kinds to train: local,pooled,fed,fed_dp (default all)")
+    p.add_argument("--no-audit", action="store_true", help="skip the leakage audits")
+    p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("evaluate", help="Dice of the bundle's model on whole 3D volumes of a split")
     p.add_argument("datalist", nargs="+")

@@ -123,3 +123,13 @@ def _write_binary_label(src: Path, dst: Path) -> None:
 
 def _relpath(target: Path, start: Path) -> str:
     return os.path.relpath(Path(target).resolve(), Path(start).resolve())
+
+
+def write_pooled(datalists: list[Path], out: Path, description: str = "all sites pooled") -> Path:
+    """One datalist with every site's splits together (for centralised training), its paths made
+    relative to ``out``'s folder (``pooled`` training in ``dpseg study``)."""
+    base = out.parent
+    pooled = {split: [{**it, **{k: _relpath(Path(it[k]), base) for k in ("image", "label") if k in it}}
+                      for d in datalists for it in resolve(d, split)]
+              for split in ("training", "validation", "test")}
+    return write_datalist(out, pooled, description=description)

@@ -15,9 +15,9 @@ training patients. The training loss and the actual Poisson batch sizes stay at 
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import re
 import resource
 import secrets
 import time
@@ -42,14 +42,14 @@ from dpseg.datalist import resolve
 from dpseg.dptrain import OPTIMIZERS, SAMPLINGS, LocalTrainer, PatientSlices
 from dpseg.evaluate import evaluate
 from dpseg.metrics import dice
-from dpseg.privacy import Accountant, Ledger, PrivacyError, calibrate
+from dpseg.privacy import Accountant, Ledger, PrivacyError, calibrate, continue_accountant
 from dpseg.site import SiteConfigError, load_site_settings
 
 ERROR_HEADER = "dpseg_error"
 THREADS_ENV = "DPSEG_TORCH_THREADS"
 SIMULATOR_JOB_ID = "simulate_job"
-ACCOUNTANT_FILE = "dpseg_accountant.json"
 AUDIT_DIR = "audit"
+LEDGER_ENTRY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
 def torch_threads(job_id: str) -> int | None:
@@ -72,7 +72,12 @@ def check_job_arguments(**args) -> None:
     booleans, settings in CHOICES one of their values, everything else a number. Raises TypeError
     or ValueError naming the argument (the site builds nothing from a job's strings)."""
     for name, value in args.items():
-        if name in ("dp", "record_batches"):
+        if name == "resume":
+            if not isinstance(value, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) and LEDGER_ENTRY.match(v) for k, v in value.items()):
+                raise ValueError(f"job argument resume must map site names to ledger entries "
+                                 f"(letters, digits, '_', '.', '-'), got {value!r}")
+        elif name in ("dp", "record_batches"):
             if not isinstance(value, bool):
                 raise TypeError(f"job argument {name} must be true or false, got {value!r}")
         elif name in CHOICES:
@@ -93,6 +98,17 @@ def site_folders(fl_ctx: FLContext) -> tuple[Path, Path]:
     else:
         app_dir = Path(fl_ctx.get_engine().get_workspace().get_app_dir(str(fl_ctx.get_job_id())))
     return app_dir, app_dir.parents[1]
+
+
+def ledger_entry(job_id: str, site: str, resume: dict) -> str:
+    """The key of this job in the site's ledger: the entry of the stopped job it continues
+    (``resume[site]``), else the job id; the simulator gives every job the same id, so there a
+    fresh, unique entry (``simulate_job-<UTC time>-<random>``)."""
+    if site in resume:
+        return resume[site]
+    if job_id == SIMULATOR_JOB_ID:
+        return f"{SIMULATOR_JOB_ID}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+    return job_id
 
 
 def batches_path(app_dir: Path, current_round: int) -> Path:
@@ -121,26 +137,28 @@ class SiteLearner(Executor):
     (a synthetic cohort generated in the site's workspace; only where a job asks for it).
     local_steps: steps per round if > 0 (else from local_epochs); optimizer: "adam" or "sgd";
     sampling: "poisson" or "fixed" (fixed only without DP); record_batches: keep each round's
-    training batches in the site's job folder (``audit/``) for the site's own audit.
+    training batches in the site's job folder (``audit/``) for the site's own audit;
+    resume: {site name: ledger entry} of a stopped job that this job continues (written by
+    ``dpseg resume-job``): the site's accountant continues from the state saved in its ledger.
     """
 
     def __init__(self, dp: bool = True, target_epsilon: float = 8.0, delta: float = 1e-5,
                  max_grad_norm: float = 1.0, batch_size: int = 16, local_epochs: float = 1.0,
                  learning_rate: float = 1e-3, accountant: str = "prv", data_source: str = "site",
                  seed: int = 0, local_steps: int = 0, optimizer: str = "adam", sampling: str = "poisson",
-                 record_batches: bool = False, train_task: str = AppConstants.TASK_TRAIN,
+                 record_batches: bool = False, resume: dict | None = None, train_task: str = AppConstants.TASK_TRAIN,
                  validate_task: str = AppConstants.TASK_VALIDATION, log_writer_id: str = "log_writer"):
         super().__init__()
         check_job_arguments(dp=dp, record_batches=record_batches, target_epsilon=target_epsilon, delta=delta,
                             max_grad_norm=max_grad_norm, batch_size=batch_size, local_epochs=local_epochs,
                             learning_rate=learning_rate, seed=seed, local_steps=local_steps,
-                            accountant=accountant, optimizer=optimizer, sampling=sampling)
+                            accountant=accountant, optimizer=optimizer, sampling=sampling, resume=resume or {})
         if data_source not in ("site", "synthetic"):
             raise ValueError(f"data_source must be 'site' or 'synthetic', got {data_source!r}")
         if dp and sampling != "poisson":
             raise ValueError(f"a DP job needs sampling 'poisson' (what the accountant assumes), got {sampling!r}")
         self.fixed_steps, self.optimizer_name, self.sampling = int(local_steps), optimizer, sampling
-        self.record_batches = record_batches
+        self.record_batches, self.resume = record_batches, dict(resume or {})
         self.dp, self.target_epsilon, self.delta = dp, target_epsilon, delta
         self.max_grad_norm, self.batch_size, self.local_epochs = max_grad_norm, batch_size, local_epochs
         self.learning_rate, self.accountant_name, self.data_source = learning_rate, accountant, data_source
@@ -162,6 +180,7 @@ class SiteLearner(Executor):
             return
         self.site = fl_ctx.get_identity_name()
         self.job_id = str(fl_ctx.get_job_id())
+        self.ledger_entry = ledger_entry(self.job_id, self.site, self.resume)
         threads = torch_threads(self.job_id)
         if threads:
             torch.set_num_threads(threads)
@@ -224,23 +243,36 @@ class SiteLearner(Executor):
         self.network.load_state_dict(state, strict=True)
 
     def _start_privacy(self, num_rounds: int, fl_ctx: FLContext) -> None:
-        """Calibrate once for all the job's steps (or resume), then enter the job in the ledger.
+        """Calibrate once for all the job's steps, or continue the accountant of the stopped job
+        this one resumes (saved in the ledger), then enter the job in the ledger.
 
         Nothing is kept unless the ledger accepts the job, so a refused site stays refused in
         every later round of the job.
         """
-        saved = self.app_dir / ACCOUNTANT_FILE
         ledger = Ledger.open(self.settings.ledger, self.settings.total_epsilon)
-        if saved.exists():
-            accountant = Accountant.from_state(json.loads(saved.read_text()))
-            message = f"resumed accountant: {accountant.steps} steps, epsilon {accountant.epsilon():.3f}"
+        key, steps = self.ledger_entry, num_rounds * self.local_steps
+        accountant = continue_accountant(
+            ledger, key, self.local_steps, target_epsilon=self.target_epsilon, delta=self.delta,
+            max_grad_norm=self.max_grad_norm, batch_size=self.batch_size,
+            sample_rate=self.batch_size / len(self.train_items), accountant=self.accountant_name)
+        if accountant is not None:
+            message = (f"continuing ledger entry {key}: {accountant.steps} steps done, epsilon "
+                       f"{accountant.epsilon():.3f} spent; {steps} more at noise multiplier "
+                       f"{accountant.settings.noise_multiplier:.4f} (plan: {accountant.settings.steps} steps, "
+                       f"epsilon <= {accountant.settings.target_epsilon})")
+        elif self.site in self.resume:
+            raise PrivacyError(f"the job resumes ledger entry {key}, which has no saved accountant in "
+                               f"{self.settings.ledger}: refused")
         else:
             s = calibrate(self.target_epsilon, self.delta, self.max_grad_norm, self.batch_size,
-                          len(self.train_items), num_rounds * self.local_steps, self.accountant_name)
+                          len(self.train_items), steps, self.accountant_name)
             accountant = Accountant(s)
             message = (f"calibrated noise multiplier {s.noise_multiplier:.4f} for epsilon {s.target_epsilon} at "
-                       f"delta {s.delta} over {s.steps} steps (sample rate {s.sample_rate:.4f}, accountant {s.accountant})")
-        ledger.reserve(self.job_id, accountant.settings)
+                       f"delta {s.delta} over {s.steps} steps (sample rate {s.sample_rate:.4f}, accountant "
+                       f"{s.accountant}); ledger entry {key}")
+        ledger.reserve(key, accountant.settings)
+        if self.site in self.resume:
+            ledger.note_continuation(key, self.job_id)
         self.accountant, self.ledger = accountant, ledger
         self.log_info(fl_ctx, message)
 
@@ -255,6 +287,10 @@ class SiteLearner(Executor):
             if self.accountant is None:
                 self._start_privacy(num_rounds, fl_ctx)
             self.accountant.settings.check_same(**(dxo.get_meta_prop("privacy") or {}))
+            if self.accountant.steps + self.local_steps > self.accountant.settings.steps:
+                raise PrivacyError(f"round {current_round}: this site has spent {self.accountant.steps} of the "
+                                   f"{self.accountant.settings.steps} steps it calibrated for (ledger entry "
+                                   f"{self.ledger_entry}); {self.local_steps} more do not fit: refused")
         start = time.perf_counter()
         if self.trainer is None:  # one local optimiser per job: its state carries across rounds
             self.trainer = LocalTrainer(self.network, self.loss_fn, self.data, self.learning_rate, self.batch_size,
@@ -295,12 +331,11 @@ class SiteLearner(Executor):
         return {"dp": True, "unit": "patient", "epsilon": self.accountant.epsilon(), "delta": s.delta,
                 "target_epsilon": s.target_epsilon, "noise_multiplier": s.noise_multiplier,
                 "sample_rate": s.sample_rate, "steps": self.accountant.steps, "planned_steps": s.steps,
-                "max_grad_norm": s.max_grad_norm, "batch_size": s.batch_size, "accountant": s.accountant}
+                "max_grad_norm": s.max_grad_norm, "batch_size": s.batch_size, "accountant": s.accountant,
+                "ledger_entry": self.ledger_entry}
 
     def _save_privacy_state(self) -> None:
-        path = self.app_dir / ACCOUNTANT_FILE
-        path.write_text(json.dumps(self.accountant.state()) + "\n")
-        self.ledger.record(self.job_id, self.accountant.epsilon(), self.accountant.steps)
+        self.ledger.record(self.ledger_entry, self.accountant)
 
     @torch.no_grad()
     def _validation_metrics(self) -> dict:

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from opacus.accountants import create_accountant
@@ -107,8 +107,9 @@ class Accountant:
             hist.append((s.noise_multiplier, s.sample_rate, n))
 
     def epsilon(self) -> float:
-        """Epsilon spent so far at the settings' delta (0 before the first step)."""
-        return self.epsilon_after(self.steps) if self.steps else 0.0
+        """Epsilon spent so far at the settings' delta, over the whole history (which holds more
+        than one noise multiplier after a re-plan); 0 before the first step."""
+        return history_epsilon(self._acc.history, self.settings) if self.steps else 0.0
 
     def epsilon_after(self, steps: int) -> float:
         """Epsilon of ``steps`` steps of this mechanism (for planning)."""
@@ -123,6 +124,62 @@ class Accountant:
     @classmethod
     def from_state(cls, state: dict) -> "Accountant":
         return cls(PrivacySettings(**state["settings"]), state["history"])
+
+
+def history_epsilon(history: list, settings: PrivacySettings, extra: tuple | None = None) -> float:
+    """Epsilon at ``settings.delta`` of an accountant history [(noise multiplier, sample rate,
+    steps), ...], plus an ``extra`` entry if given, by the settings' accountant."""
+    acc = create_accountant(mechanism=settings.accountant)
+    acc.history = [tuple(h) for h in history] + ([extra] if extra else [])
+    return float(acc.get_epsilon(delta=settings.delta))
+
+
+def replan(accountant: Accountant, more_steps: int) -> Accountant:
+    """The same accountant (same history) with room for ``more_steps`` further steps: when they
+    do not fit in its plan (a stopped job whose site trained rounds the server never completed),
+    the noise multiplier of the further steps is raised, never lowered, so that the whole history
+    stays within the target epsilon. Refused (PrivacyError) when no noise below 1000 x the
+    calibrated one does."""
+    s = accountant.settings
+    if accountant.steps + more_steps <= s.steps:
+        return accountant
+    history = [tuple(h) for h in accountant._acc.history]
+
+    def fits(sigma: float) -> bool:
+        return history_epsilon(history, s, (sigma, s.sample_rate, more_steps)) <= s.target_epsilon
+
+    low, high = s.noise_multiplier, s.noise_multiplier * 1000
+    if not fits(high):
+        raise PrivacyError(f"{accountant.steps} steps spent epsilon {accountant.epsilon():.3f} of the target "
+                           f"{s.target_epsilon}: no noise fits {more_steps} more steps: refused")
+    for _ in range(40):  # bisection to 1e-4 relative
+        mid = (low + high) / 2
+        low, high = (low, mid) if fits(mid) else (mid, high)
+        if high - low < 1e-4 * high:
+            break
+    return Accountant(replace(s, steps=accountant.steps + more_steps, noise_multiplier=float(high)), history)
+
+
+def continue_accountant(ledger: "Ledger", job_id: str, more_steps: int, **settings) -> Accountant | None:
+    """The saved accountant of ledger entry ``job_id`` (a stopped job this job continues), ready
+    for the continuing job's ``more_steps``; None when the entry has none.
+
+    Refused (PrivacyError) when this job's privacy ``settings`` (the PrivacySettings fields it can
+    state before calibrating: target_epsilon, delta, max_grad_norm, batch_size, sample_rate,
+    accountant) differ from the saved ones. When the steps left in the plan are fewer than
+    ``more_steps``, the further steps get more noise (``replan``): the entry's epsilon never passes
+    its target."""
+    accountant = ledger.accountant(job_id)
+    if accountant is None:
+        return None
+    try:
+        accountant.settings.check_same(**settings)
+    except PrivacyError as err:
+        raise PrivacyError(f"cannot continue ledger entry {job_id} of {ledger.path}: {err}") from None
+    try:
+        return replan(accountant, more_steps)
+    except PrivacyError as err:
+        raise PrivacyError(f"cannot continue ledger entry {job_id} of {ledger.path}: {err}") from None
 
 
 def reconstruction_bound_eps_delta(epsilon: float, delta: float, baseline: float) -> float:
@@ -205,9 +262,25 @@ class Ledger:
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         self.save()
 
-    def record(self, job_id: str, spent_epsilon: float, steps: int) -> None:
-        self.jobs[job_id].update(spent_epsilon=float(spent_epsilon), steps=int(steps))
+    def record(self, job_id: str, accountant: "Accountant") -> None:
+        """Update a job's entry with what it spent and the accountant's full state (its history),
+        from which a stopped job continues (``accountant()``)."""
+        self.jobs[job_id].update(spent_epsilon=float(accountant.epsilon()), steps=int(accountant.steps),
+                                 accountant_state=accountant.state())
         self.save()
+
+    def accountant(self, job_id: str) -> "Accountant | None":
+        """The saved accountant of a job entered earlier (None if the job is not in the ledger or
+        never took a step)."""
+        state = self.jobs.get(job_id, {}).get("accountant_state")
+        return Accountant.from_state(state) if state else None
+
+    def note_continuation(self, job_id: str, by: str) -> None:
+        """Record that job ``by`` continues the entry ``job_id`` (its steps count in that entry)."""
+        entry = self.jobs[job_id]
+        if by != job_id and by not in entry.setdefault("continued_by", []):
+            entry["continued_by"].append(by)
+            self.save()
 
     def save(self) -> None:
         """Write atomically (a crash leaves the old or the new ledger, never half of one)."""

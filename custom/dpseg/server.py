@@ -1,5 +1,9 @@
 """Server-side components: the bundle's model persistor and the per-round recorder.
 
+The persistor also keeps a resume point (``dpseg_resume.pt``: the global model after the last
+completed round, that round and the job's end round) from which ``dpseg resume-job`` continues a
+stopped job.
+
 The recorder keeps, per round and site, what the site reported with its update (privacy meta,
 validation Dice, planned steps) and the wall time of each round. It
 writes ``dpseg_rounds.json`` into the server's run folder, which ``dpseg report`` reads.
@@ -12,14 +16,16 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from nvflare.apis.dxo import MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_component import FLComponent
-from nvflare.apis.fl_constant import ReservedKey
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
@@ -27,6 +33,7 @@ from dpseg.bundle import Bundle
 
 ROUNDS_FILE = "dpseg_rounds.json"
 BUNDLE_OUT = "bundle"
+RESUME_FILE = "dpseg_resume.pt"
 
 
 class BundlePersistor(PTFileModelPersistor):
@@ -35,20 +42,43 @@ class BundlePersistor(PTFileModelPersistor):
     When NVFlare reports a new best global model (by the sites' validation Dice), a complete copy
     of the bundle is written to ``<server run folder>/bundle/<name>/`` with that model as
     ``models/model.pt`` (a plain state dict, loadable by monai.bundle and MONAI Label).
-    ``seed`` initialises the first global model (the same seed, the same initial weights).
+    ``seed`` initialises the first global model (the same seed, the same initial weights);
+    ``resume_model``: a state dict file inside the job's app folder (relative path) to start from
+    instead, the global model of a stopped job (``dpseg resume-job`` writes it there).
+    Every persisted global model also becomes the job's resume point (``RESUME_FILE``).
     """
 
-    def __init__(self, seed: int = 0, **kwargs):
+    def __init__(self, seed: int = 0, resume_model: str = "", **kwargs):
         self.bundle = Bundle()
+        if resume_model and (Path(resume_model).is_absolute() or ".." in Path(resume_model).parts):
+            raise ValueError(f"resume_model must be a path inside the job's app folder, got {resume_model!r}")
+        self.resume_model = resume_model
         with torch.random.fork_rng():  # the initial global model: the same for the same seed
             torch.manual_seed(seed)
             network = self.bundle.network()
         super().__init__(model=network, **kwargs)
 
     def handle_event(self, event: str, fl_ctx: FLContext):
+        if event == EventType.START_RUN and self.resume_model:
+            path = Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)) / self.resume_model
+            if not path.is_file():
+                raise FileNotFoundError(f"resume_model {self.resume_model} is not in the job's app folder")
+            self.source_ckpt_file_full_name = str(path)  # NVFlare's persistor loads an absolute path
+            self.log_info(fl_ctx, f"resuming from the global model in {self.resume_model}")
         super().handle_event(event, fl_ctx)
         if event == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
             self._write_bundle(fl_ctx)
+
+    def save_model(self, ml: ModelLearnable, fl_ctx: FLContext):
+        """Persist the global model and the resume point: (round just completed, end round, model),
+        one file written atomically."""
+        super().save_model(ml, fl_ctx)
+        current = int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND) or 0)
+        end = int(fl_ctx.get_prop(AppConstants.START_ROUND) or 0) + int(fl_ctx.get_prop(AppConstants.NUM_ROUNDS) or 0)
+        model = {k: torch.as_tensor(np.asarray(v)) for k, v in ml[ModelLearnableKey.WEIGHTS].items()}
+        tmp = Path(self.log_dir) / (RESUME_FILE + ".tmp")
+        torch.save({"completed_round": current, "end_round": end, "model": model}, tmp)
+        tmp.replace(Path(self.log_dir) / RESUME_FILE)
 
     def _write_bundle(self, fl_ctx: FLContext) -> None:
         best = torch.load(self._best_ckpt_save_path, map_location="cpu", weights_only=True)

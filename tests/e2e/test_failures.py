@@ -3,19 +3,29 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from conftest import datalist_items
+from dpseg.privacy import Ledger
 from dpseg.report import build_report, format_report
+from dpseg.workspace import allow_dpseg
 from test_simulator import prepare_job, run_simulator
 
 
-def three_site_root(cohort, tmp_path):
-    """site-1 and site-2 of the tiny cohort, and a site-3 (a copy of site-1) with a truncated image."""
+def three_site_root(cohort, tmp_path, damage: bool = True):
+    """site-1 and site-2 of the tiny cohort, and a site-3 (a copy of site-1), with a truncated image
+    if ``damage``; returns (root, the damaged file or None)."""
     root = tmp_path / "data"
     root.mkdir()
     for site in ("site-1", "site-2"):
         os.symlink(cohort / site, root / site)
     shutil.copytree(cohort / "site-1", root / "site-3")
+    if not damage:
+        return root, None
     victim = root / "site-3" / datalist_items(root / "site-3" / "datalist.json")[0]["image"]
     victim.write_bytes(victim.read_bytes()[:300])
     return root, victim
@@ -57,3 +67,50 @@ def test_updates_above_the_jobs_epsilon_are_rejected_and_never_aggregated(cohort
     assert "Cannot reach min_responses" in (ws / "server" / "log.txt").read_text()
     assert report["best_model_bundle"] is None  # nothing aggregated, nothing written as the bundle's model
     assert all(e["rounds"] == 0 for e in report["sites"].values())
+
+
+def simulator_worker(site: str) -> int:
+    """PID of the simulator's worker process that runs ``site``."""
+    listing = subprocess.run(["pgrep", "-af", f"simulator_worker.*--client {site} "], capture_output=True, text=True)
+    pids = [int(line.split()[0]) for line in listing.stdout.splitlines() if "simulator_worker" in line]
+    assert len(pids) == 1, listing.stdout
+    return pids[0]
+
+
+def test_a_site_killed_in_the_middle_of_a_round_is_missing_and_rejoins_the_next_job(cohort, tmp_path):
+    root, _ = three_site_root(cohort, tmp_path, damage=False)
+    env = env_for(root, tmp_path)
+    job = prepare_job("fed_dp", tmp_path, rounds=3, server_args={"round_wait_seconds": 5,
+                      "validation_timeout_seconds": 20}, batch_size=2, local_epochs=1.0)
+    ws = tmp_path / "ws"
+    allow_dpseg(ws)
+    nvflare = Path(sys.executable).parent / "nvflare"
+    proc = subprocess.Popen([str(nvflare), "simulator", str(job), "-w", str(ws), "-n", "3", "-t", "3"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env},
+                            start_new_session=True)
+    server_log = ws / "server" / "log.txt"
+    try:
+        deadline = time.time() + 600
+        # kill site-3 once it holds its round-1 task (it has sent round 0), i.e. in the middle of round 1
+        while not (server_log.exists() and server_log.read_text().count("assigned task to client site-3: name=train") >= 2):
+            assert proc.poll() is None and time.time() < deadline, "site-3 never got its round-1 task"
+            time.sleep(0.1)
+        os.kill(simulator_worker("site-3"), signal.SIGKILL)
+        assert proc.wait(timeout=600) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    report = build_report(ws)
+    assert {s: e["rounds"] for s, e in report["sites"].items()} == {"site-1": 3, "site-2": 3, "site-3": 1}
+    assert [(m["round"], m["sites"]) for m in report["missing_contributions"]] == [(1, ["site-3"]), (2, ["site-3"])]
+    assert report["best_model_bundle"] is not None  # the job finished with the two others
+    killed = Ledger.open(tmp_path / "ledgers" / "site-3.json", 20.0)
+    assert len(killed.jobs) == 1 and next(iter(killed.jobs.values()))["steps"] >= 2  # what it spent is kept
+
+    # the site rejoins: the next job trains at all three sites, and its ledger adds the two jobs up
+    (tmp_path / "next").mkdir()
+    again = prepare_job("fed_dp", tmp_path / "next", rounds=1, batch_size=2, local_epochs=1.0)
+    result = run_simulator(again, tmp_path / "ws_next", env, sites=3)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert build_report(tmp_path / "ws_next")["sites"]["site-3"]["rounds"] == 1
+    assert Ledger.open(tmp_path / "ledgers" / "site-3.json", 20.0).committed() == 16.0

@@ -6,9 +6,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, run_cli
+from dpseg.privacy import Ledger
+from dpseg.synthetic import write_cohort
 from test_provisioned import leftover_pids
 from test_simulator import prepare_job
 
@@ -35,8 +39,14 @@ class Poc:
     def stop(self) -> None:
         subprocess.run(["bash", str(REPO / "poc" / "stop.sh")], cwd=REPO, env=self.env, capture_output=True,
                        timeout=120)
-        for pid in leftover_pids(str(self.folder)):
-            os.kill(pid, signal.SIGKILL)
+        deadline = time.time() + 15
+        while leftover_pids(str(self.folder)) and time.time() < deadline:  # killed processes take a moment to go
+            for pid in leftover_pids(str(self.folder)):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.5)
 
 
 def test_poc_scripts_run_fed_dp_with_two_sites(cohort, tmp_path):
@@ -59,3 +69,56 @@ def test_poc_scripts_run_fed_dp_with_two_sites(cohort, tmp_path):
         assert (tmp_path / "ledgers" / f"{site}.json").exists()
     assert not leftover_pids(str(poc.folder))
 
+
+
+def kill_job_process_in_round(poc: Poc, site: str, round_: int, timeout: float = 600) -> None:
+    """Once the server has assigned ``site`` its train task of ``round_`` (0-based), SIGKILL the
+    site's job process (the site's client stays up)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        logs = "".join(p.read_text() for p in poc.folder.glob("*/prod_00/server/*/log.txt"))
+        if logs.count(f"assigned task to client {site}: name=train") > round_:
+            listing = subprocess.run(["pgrep", "-af", "worker_process"], capture_output=True, text=True).stdout
+            pids = [int(line.split()[0]) for line in listing.splitlines() if f"prod_00/{site} " in line]
+            assert len(pids) == 1, listing
+            os.kill(pids[0], signal.SIGKILL)
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{site} never got its round-{round_} task")
+
+
+def test_poc_site_killed_mid_round_fails_the_job_which_resumes_with_the_site_back(tmp_path):
+    data = tmp_path / "data"
+    write_cohort(data, n_sites=3, patients=[6, 6, 6], seed=7)
+    poc = Poc(tmp_path, data)
+    job = prepare_job("fed_dp", tmp_path / "jobs", rounds=3, server_args={"round_wait_seconds": 5},
+                      batch_size=2, local_epochs=1.0)
+    poc.run("bash", REPO / "poc" / "prepare.sh", "3")
+    submit = [sys.executable, REPO / "poc" / "submit.py"]
+    try:
+        poc.run("bash", REPO / "poc" / "start.sh")
+        killer = threading.Thread(target=kill_job_process_in_round, args=(poc, "site-3", 1))
+        killer.start()
+        stopped = subprocess.run([str(c) for c in submit + [job, "--out", tmp_path / "stopped", "--timeout", "600"]],
+                                 cwd=REPO, env=poc.env, capture_output=True, text=True, timeout=700)
+        killer.join()
+        # NVFlare fails the whole job when a site's job process dies; nothing is lost: the resume point
+        assert stopped.returncode == 1 and "FINISHED:EXECUTION_EXCEPTION" in stopped.stdout, stopped.stdout[-3000:]
+        result = next((tmp_path / "stopped").iterdir())
+        resumed = tmp_path / "resumed"
+        out = run_cli("resume-job", str(result), "--job", str(job), "--out", str(resumed))
+        assert out.returncode == 0 and "rounds 1..2 (2 left)" in out.stdout, out.stdout + out.stderr
+        again = poc.run(*submit, resumed, "--out", tmp_path / "again", "--timeout", "600", timeout=700)
+        assert "FINISHED:COMPLETED" in again
+    finally:
+        poc.stop()
+    report = json.loads(next((tmp_path / "again").glob("*/dpseg_report.json")).read_text())
+    assert report["rounds"] == 2 and not report["missing_contributions"]  # site-3 is back in both rounds
+    new_job = next((tmp_path / "again").iterdir()).name
+    for site in ("site-1", "site-2", "site-3"):
+        ledger = Ledger.open(tmp_path / "ledgers" / f"{site}.json", 20.0)
+        (entry, record), = ledger.jobs.items()  # one entry: the resumed job continued the stopped one
+        assert entry == result.name and record["continued_by"] == [new_job]
+        assert report["sites"][site]["privacy"]["ledger_entry"] == entry
+        assert record["steps"] >= 2 + 4 and record["spent_epsilon"] <= 8.0
+    assert not leftover_pids(str(poc.folder))

@@ -1,10 +1,7 @@
 """Short end-to-end runs of the real NVFlare simulator: 2 sites, 2 rounds, tiny cohort."""
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,31 +9,19 @@ import torch
 
 from conftest import REPO, run_cli
 from dpseg.bundle import Bundle
+from dpseg.jobs import configure_job
+from dpseg.jobs import run_simulator as simulate
 from dpseg.report import build_report
-from dpseg.workspace import allow_dpseg
 
 
 def prepare_job(name: str, dest: Path, rounds: int, server_args: dict | None = None, **client_args) -> Path:
-    """A copy of jobs/<name> with fewer rounds and other server / client arguments (the job JSON's variables)."""
-    job = dest / name
-    shutil.copytree(REPO / "jobs" / name, job)
-    server = job / "app" / "config" / "config_fed_server.json"
-    cfg = json.loads(server.read_text())
-    cfg["num_rounds"] = rounds
-    cfg.update(server_args or {})
-    server.write_text(json.dumps(cfg, indent=1))
-    client = job / "app" / "config" / "config_fed_client.json"
-    cfg = json.loads(client.read_text())
-    cfg.update(client_args)
-    client.write_text(json.dumps(cfg, indent=1))
-    return job
+    """A copy of jobs/<name> in dest/<name> with fewer rounds and other server / client arguments."""
+    return configure_job(REPO / "jobs" / name, dest / name, {"num_rounds": rounds, **(server_args or {})}, client_args)
 
 
 def run_simulator(job: Path, workspace: Path, env: dict, sites: int = 2) -> subprocess.CompletedProcess:
-    allow_dpseg(workspace)
-    nvflare = Path(sys.executable).parent / "nvflare"
-    return subprocess.run([str(nvflare), "simulator", str(job), "-w", str(workspace), "-n", str(sites), "-t", str(sites)],
-                          capture_output=True, text=True, timeout=900, env={**os.environ, **env})
+    """The simulator with sites site-1 .. site-<sites>, one process each."""
+    return simulate(job, workspace, env, [f"site-{i + 1}" for i in range(sites)], timeout=900)
 
 
 def simulate_on_cohort(job: Path, cohort: Path, tmp_path: Path) -> Path:
