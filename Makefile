@@ -9,7 +9,7 @@ DEMO ?= demo
 export PYTHONUNBUFFERED := 1
 SHELL := /bin/bash
 
-.PHONY: install test demo demo-baseline bench monailabel-check clean
+.PHONY: install test demo demo-baseline bench study study-quick monailabel-check clean
 
 install: $(STAMP)
 
@@ -52,6 +52,14 @@ demo-baseline: $(STAMP)
 # DP vs non-DP step time of the bundle network (medians, same process) -> bench.json
 bench: $(STAMP)
 	$(BIN)/python -m dpseg.bench --json bench.json
+
+# The privacy-utility study (local, pooled, FL, FL+DP at epsilon 8, 3, 1, and the audit at each):
+# docs/results.md and docs/figures/. The full grid takes hours on a 2-core CPU; study-quick ~15 min.
+study: $(STAMP)
+	$(BIN)/dpseg study --grid full --out docs
+
+study-quick: $(STAMP)
+	$(BIN)/dpseg study --grid quick --out docs
 
 # MONAI Label 0.8.5 in its own environment (its own torch), built once into a cache folder that
 # later runs (and fresh clones on the same machine) reuse. Pins: newer fastapi / starlette and

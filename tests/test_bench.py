@@ -1,11 +1,17 @@
-from dpseg.bench import step_time_ratios
+from dpseg.bench import peak_memory, step_time_ratios
 
 
 def test_bench_reports_a_ratio_for_every_working_mode():
-    out = step_time_ratios(batch_size=2, repeats=1)
+    out = step_time_ratios(batch_size=2, repeats=1, memory=False)
     modes = {m["mode"]: m for m in out["modes"]}
-    assert set(modes) == {"plain", "fast", "hooks", "functorch", "ew"}
+    assert set(modes) == {"plain", "fast", "hooks", "functorch", "ew", "ghost"}
     assert modes["plain"]["ratio_to_non_dp"] == 1.0
     for name in ("fast", "hooks", "functorch"):
         assert modes[name]["median_s"] > 0 and modes[name]["ratio_to_non_dp"] > 0
-    assert "error" in modes["ew"] or modes["ew"]["median_s"] > 0
+    for name in ("ew", "ghost"):  # each either runs or says why not
+        assert "error" in modes[name] or modes[name]["median_s"] > 0
+
+
+def test_peak_memory_of_a_mode_in_its_own_process():
+    mem = peak_memory("fast", batch_size=2, threads=1)
+    assert mem["error"] is None and mem["rss_before_mb"] > 100 and mem["step_mb"] > 0

@@ -1,17 +1,26 @@
-"""Benchmarks that print figures: DP vs non-DP training-step time and peak memory.
+"""Benchmarks that print figures (JSON).
 
-Every mode is timed in the same process on the same batch (the bundle's network, its loss, batch
-of ``batch_size`` 128 x 128 slices), as the median of ``repeats`` full optimizer steps after one
-warm-up step. A "step" is forward, backward, (per-sample clipping and noise for DP) and Adam.
+- ``dp_step_time``: every DP mode and the non-DP step timed in the same process on the same batch
+  (the bundle's network, its loss, a batch of ``batch_size`` 128 x 128 slices), as the median of
+  ``repeats`` full optimizer steps after one warm-up step. A "step" is forward, backward,
+  (per-sample clipping and noise for DP) and Adam. Peak memory of each mode is measured in a fresh
+  child process of its own (a process's peak RSS only grows).
+- ``attack_time``: seconds per iteration of the gradient-inversion attack on the bundle network
+  (median of ``repeats`` timed blocks), and per audited update at the default iterations x restarts.
+- ``fl_overhead`` and ``scaling`` (``dpseg.bench --fl``): the NVFlare simulator's wall time per
+  round against the local training time the sites report inside it, for 1, 2, 4 and 8 simulated
+  sites with the same tiny cohort per site.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import platform
-import resource
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from opacus.optimizers import DPOptimizer
@@ -19,7 +28,7 @@ from opacus.optimizers import DPOptimizer
 from dpseg.bundle import Bundle
 from dpseg.dptrain import make_private
 
-DP_MODES = ("fast", "hooks", "functorch", "ew")  # "fast": dpseg.fastdp, the default
+DP_MODES = ("fast", "hooks", "functorch", "ew", "ghost")  # "fast": dpseg.fastdp, the default
 
 
 def _batch(bundle: Bundle, batch_size: int, seed: int = 0):
@@ -34,8 +43,10 @@ def _step_fn(bundle: Bundle, mode: str, batch_size: int):
     net, loss_fn = bundle.network(), bundle.loss()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     x, y = _batch(bundle, batch_size)
-    per_sample, model = None, net
-    if mode == "ew":
+    per_sample, model, criterion = None, net, loss_fn
+    if mode == "ghost":
+        model, opt, criterion = _ghost(net, opt, loss_fn, x, y)
+    elif mode == "ew":
         opt = DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch_size,
                           loss_reduction="mean", generator=torch.Generator().manual_seed(1))
         model = _expanded_weights(net, batch_size)
@@ -47,9 +58,35 @@ def _step_fn(bundle: Bundle, mode: str, batch_size: int):
         if per_sample is not None:
             per_sample.backward(x, y, loss_fn)
         else:
-            loss_fn(model(x), y).backward()
+            criterion(model(x), y).backward()
         opt.step()
     return step
+
+
+class PerSampleLoss(torch.nn.Module):
+    """The bundle's loss with a ``reduction`` attribute, as Opacus' ghost clipping needs:
+    "none" gives one loss per sample (the loss of each sample alone), "mean" their mean."""
+
+    def __init__(self, loss_fn: torch.nn.Module):
+        super().__init__()
+        self.loss_fn, self.reduction = loss_fn, "mean"
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        losses = torch.stack([self.loss_fn(out[i:i + 1], target[i:i + 1]) for i in range(out.shape[0])])
+        return losses if self.reduction == "none" else losses.mean()
+
+
+def _ghost(net, opt, loss_fn, x, y):
+    """Opacus' ghost clipping (PrivacyEngine, grad_sample_mode="ghost") on one fixed batch."""
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(x, y), batch_size=len(x))
+    model, opt, criterion, _ = PrivacyEngine(accountant="prv").make_private(
+        module=net, optimizer=opt, criterion=PerSampleLoss(loss_fn), data_loader=loader, noise_multiplier=1.0,
+        max_grad_norm=1.0, grad_sample_mode="ghost", poisson_sampling=False,
+        noise_generator=torch.Generator().manual_seed(1))
+    return model, opt, criterion
 
 
 def _expanded_weights(net, batch_size):
@@ -69,12 +106,44 @@ def time_mode(bundle: Bundle, mode: str, batch_size: int, repeats: int) -> dict:
             times.append(time.perf_counter() - start)
     except Exception as err:  # a mode that does not support this network
         return {"mode": mode, "error": f"{type(err).__name__}: {str(err)[:200]}"}
-    return {"mode": mode, "median_s": statistics.median(times), "runs": repeats,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"mode": mode, "median_s": statistics.median(times), "runs": repeats}
 
 
-def step_time_ratios(batch_size: int = 16, repeats: int = 7, threads: int | None = None) -> dict:
-    """Median step time of each DP mode divided by the non-DP step time (same process)."""
+def _status_mb(field_name: str) -> float:
+    """A memory field (VmRSS, VmHWM) of this process from /proc/self/status, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field_name)
+
+
+def _peak_memory_child(mode: str, batch_size: int, threads: int | None, queue) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    bundle = Bundle()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    before = _status_mb("VmRSS")
+    result = time_mode(bundle, mode, batch_size, 2)
+    queue.put({"peak_rss_mb": _status_mb("VmHWM"), "rss_before_mb": before, "error": result.get("error")})
+
+
+def peak_memory(mode: str, batch_size: int, threads: int | None) -> dict:
+    """Peak RSS (MB) of a fresh process while it builds the network and runs 3 steps of ``mode``;
+    ``rss_before_mb``: its RSS after the imports, when the peak was reset (Linux)."""
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_peak_memory_child, args=(mode, batch_size, threads, queue))
+    child.start()
+    out = queue.get(timeout=600)
+    out["step_mb"] = out["peak_rss_mb"] - out["rss_before_mb"]
+    child.join()
+    return out
+
+
+def step_time_ratios(batch_size: int = 16, repeats: int = 7, threads: int | None = None,
+                     memory: bool = True) -> dict:
+    """Median step time of each DP mode divided by the non-DP step time (same process), and the
+    peak memory of each mode in a process of its own."""
     if threads:
         torch.set_num_threads(threads)
     bundle = Bundle()
@@ -83,11 +152,73 @@ def step_time_ratios(batch_size: int = 16, repeats: int = 7, threads: int | None
     for r in results:
         if "median_s" in r:
             r["ratio_to_non_dp"] = r["median_s"] / plain["median_s"]
+        if memory and "median_s" in r:
+            mem = peak_memory(r["mode"], batch_size, threads)
+            r.update(peak_rss_mb=mem["peak_rss_mb"], step_mb=mem["step_mb"])
     return {"benchmark": "dp_step_time", "batch_size": batch_size, "input": list(bundle.roi_size()),
             "network": "bundle network_def", "torch_threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
-            "torch": torch.__version__, "modes": results,
-            "note": "peak_rss_mb is the process peak so far (cumulative over modes run before)"}
+            "torch": torch.__version__, "modes": results}
+
+
+def attack_time(iterations: int = 20, repeats: int = 5, default_iterations: int = 1000,
+                default_restarts: int = 2) -> dict:
+    """Seconds per attack iteration on the bundle network (median of ``repeats`` runs of
+    ``iterations`` iterations, one restart, known mask), and the implied seconds per audited
+    update at the default ``default_iterations`` x ``default_restarts``."""
+    from dpseg.inversion import AttackSettings, invert
+
+    bundle = Bundle()
+    network, loss_fn = bundle.network(), bundle.loss()
+    x, y = _batch(bundle, 1)
+    network.zero_grad()
+    loss_fn(network(x), y).backward()
+    update = {k: -0.01 * p.grad.detach().clone() for k, p in network.named_parameters()}
+    per_iteration = []
+    for seed in range(repeats):
+        rec = invert(network, loss_fn, update, AttackSettings(iterations=iterations, restarts=1, seed=seed),
+                     tuple(bundle.roi_size()), label=y)
+        per_iteration.append(rec.seconds / iterations)
+    median = statistics.median(per_iteration)
+    return {"benchmark": "attack_time", "seconds_per_iteration": median, "runs": repeats,
+            "iterations_per_run": iterations, "default_iterations": default_iterations,
+            "default_restarts": default_restarts,
+            "seconds_per_update": median * default_iterations * default_restarts,
+            "torch_threads": torch.get_num_threads()}
+
+
+def fl_scaling(site_counts: tuple[int, ...] = (1, 2, 4, 8), patients: int = 6, rounds: int = 3,
+               work: Path | None = None) -> dict:
+    """Simulator wall time per round (rounds after the first; the server's round timer) against
+    the longest local training time a site reported in that round, for each number of simulated
+    sites, each with the same synthetic cohort of ``patients`` patients (non-DP ``jobs/fed``: the
+    overhead is NVFlare's, not DP's). One process per site, all on this machine."""
+    from dpseg.jobs import JOBS_DIR, configure_job, run_simulator
+    from dpseg.synthetic import write_cohort
+
+    work = Path(work or tempfile.mkdtemp(prefix="dpseg_bench_"))
+    rows = []
+    for n in site_counts:
+        root = work / f"sites{n}"
+        write_cohort(root / "data", n_sites=n, patients=[patients] * n, seed=0)
+        job = configure_job(JOBS_DIR / "fed", root / "job", {"num_rounds": rounds, "min_clients": n},
+                            {"batch_size": 2, "local_epochs": 2.0})
+        start = time.perf_counter()
+        result = run_simulator(job, root / "ws", {"DPSEG_DATA_ROOT": str(root / "data")},
+                               [f"site-{i + 1}" for i in range(n)], log=root / "simulator.log")
+        wall = time.perf_counter() - start
+        if result.returncode != 0:
+            rows.append({"sites": n, "error": f"simulator failed, see {root / 'simulator.log'}"})
+            continue
+        recs = json.loads(next((root / "ws" / "server").rglob("dpseg_rounds.json")).read_text())[1:]
+        per_round = [r["seconds"] for r in recs]
+        local = [max(s["train_seconds"] for s in r["sites"].values()) for r in recs]
+        rows.append({"sites": n, "job_wall_s": wall, "round_s": statistics.median(per_round),
+                     "local_train_s": statistics.median(local),
+                     "overhead_s": statistics.median(a - b for a, b in zip(per_round, local)),
+                     "rounds_timed": len(recs)})
+    return {"benchmark": "fl_overhead_and_scaling", "patients_per_site": patients, "rounds": rounds,
+            "job": "fed (no DP), batch 2, 2 local epochs", "results": rows}
 
 
 def main(argv=None) -> int:
@@ -98,8 +229,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int)
     p.add_argument("--json", help="also write the figures to this file")
+    p.add_argument("--fl", action="store_true", help="also the simulator overhead / scaling (1, 2, 4, 8 sites)")
+    p.add_argument("--attack", action="store_true", help="also the attack time per iteration and per update")
     args = p.parse_args(argv)
-    out = step_time_ratios(args.batch_size, args.repeats, args.threads)
+    out = {"dp_step_time": step_time_ratios(args.batch_size, args.repeats, args.threads)}
+    if args.attack:
+        out["attack_time"] = attack_time(repeats=max(5, args.repeats // 2))
+    if args.fl:
+        out["fl_overhead_and_scaling"] = fl_scaling()
     text = json.dumps(out, indent=1)
     print(text)
     if args.json:

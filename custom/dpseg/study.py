@@ -1,0 +1,256 @@
+"""The privacy-utility study: what DP costs (Dice) and what it buys (less leakage), one command.
+
+For every seed of the grid, on one synthetic cohort (or the sites' own datalists), it trains in
+the real NVFlare simulator:
+
+- ``local site-k``: site k alone (no DP), one simulated client;
+- ``pooled``: every site's training patients in one client (centralised, no DP);
+- ``FL``: federated, no DP (``jobs/fed``);
+- ``FL+DP eps e``: federated with patient-level DP at each epsilon of the grid (``jobs/fed_dp``),
+
+and scores each best global model on every site's test patients (whole volumes, mean Dice per
+site, then the mean over sites). Then the auditor (``jobs/fed_dp_audit``) attacks intercepted
+updates with DP off and at each epsilon. It writes ``results.md`` (or ``results_<grid>.md``),
+``study_<grid>.json`` and figures. Seeds change the initial global model and, without DP, the
+slice draws; DP noise is fresh in every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dpseg.jobs import JOBS_DIR, configure_job, run_simulator
+
+
+@dataclass
+class Grid:
+    """Study settings. patients: per site of the synthetic cohort (cohort seed 0); rounds x
+    local_epochs of local training per round, Poisson batch_size; epsilons of the DP arms (delta
+    1e-5, patient level); seeds; audit: rounds audited, attack iterations x restarts."""
+
+    name: str
+    patients: list[int]
+    rounds: int
+    local_epochs: float
+    batch_size: int
+    epsilons: list[float]
+    seeds: list[int]
+    audit_rounds: int
+    attack_iterations: int
+    attack_restarts: int
+    minutes_per_run: float  # planning estimate (measured on the 2-core CPU machine), updated as runs finish
+    minutes_per_audit: float
+
+
+GRIDS = {
+    "quick": Grid("quick", [10, 10, 10], rounds=3, local_epochs=2.0, batch_size=4, epsilons=[8.0, 3.0, 1.0],
+                  seeds=[0], audit_rounds=1, attack_iterations=200, attack_restarts=1,
+                  minutes_per_run=0.8, minutes_per_audit=1.2),
+    "full": Grid("full", [60, 90, 120], rounds=20, local_epochs=6.0, batch_size=16, epsilons=[8.0, 3.0, 1.0],
+                 seeds=[0, 1, 2], audit_rounds=2, attack_iterations=1000, attack_restarts=2,
+                 minutes_per_run=5.0, minutes_per_audit=8.0),
+}
+
+
+@dataclass
+class Arm:
+    """One training configuration: kind is local / pooled / fed / fed_dp."""
+
+    kind: str
+    site: str = ""
+    epsilon: float | None = None
+
+    @property
+    def name(self) -> str:
+        if self.kind == "fed_dp":
+            return f"FL+DP eps {self.epsilon:g}"
+        return {"local": f"local {self.site}", "pooled": "pooled", "fed": "FL"}[self.kind]
+
+    @property
+    def slug(self) -> str:
+        return self.name.replace(" ", "_").replace("+", "_")
+
+
+@dataclass
+class Study:
+    """Where the study runs: cohort root (site-k/datalist.json, datalist.json pooled), the work
+    folder (jobs, workspaces, logs) and the output folder (results, figures)."""
+
+    grid: Grid
+    cohort: Path
+    work: Path
+    out: Path
+    sites: list[str] = field(default_factory=list)
+    progress: callable = print
+
+    def __post_init__(self):
+        if not self.sites:
+            self.sites = sorted(p.parent.name for p in self.cohort.glob("site-*/datalist.json"))
+        if not self.sites:
+            raise FileNotFoundError(f"no site-*/datalist.json under {self.cohort}")
+
+    def arms(self) -> list[Arm]:
+        return [Arm("local", site=s) for s in self.sites] + [Arm("pooled"), Arm("fed")] + \
+            [Arm("fed_dp", epsilon=e) for e in self.grid.epsilons]
+
+    def env(self, ledger: Path, datalist: Path | None = None) -> dict:
+        env = {"DPSEG_DATA_ROOT": str(self.cohort), "DPSEG_TOTAL_EPSILON": "1000", "DPSEG_LEDGER": str(ledger)}
+        if datalist:
+            env["DPSEG_DATALIST"] = str(datalist)
+        return env
+
+
+def train_arm(study: Study, arm: Arm, seed: int) -> dict:
+    """Train one arm in the simulator and score its best global model on every site's test split."""
+    from dpseg.report import build_report
+
+    g = study.grid
+    run = study.work / f"seed{seed}" / arm.slug
+    run.mkdir(parents=True, exist_ok=True)
+    clients = {"local": [arm.site], "pooled": ["pooled"]}.get(arm.kind, study.sites)
+    client = {"batch_size": g.batch_size, "local_epochs": g.local_epochs}
+    if arm.kind == "fed_dp":
+        client["target_epsilon"] = arm.epsilon
+    server = {"num_rounds": g.rounds, "min_clients": len(clients)}
+    if arm.kind == "fed_dp":
+        server["target_epsilon"] = arm.epsilon
+    job = configure_job(JOBS_DIR / ("fed_dp" if arm.kind == "fed_dp" else "fed"), run / "job", server, client,
+                        persistor_args={"seed": seed}, learner_args={"seed": seed})
+    pooled = study.cohort / "datalist.json" if arm.kind == "pooled" else None
+    start = time.perf_counter()
+    result = run_simulator(job, run / "ws", study.env(run / "ledger_{site}.json", pooled), clients,
+                           log=run / "simulator.log")
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{arm.name}, seed {seed}: the simulator failed; see {run / 'simulator.log'}")
+    report = build_report(run / "ws")
+    if not report["best_model_bundle"]:
+        raise RuntimeError(f"{arm.name}, seed {seed}: no best global model in {run / 'ws'}")
+    dice = score_model(Path(report["best_model_bundle"]) / "models" / "model.pt", study)
+    eps = [s["privacy"]["epsilon"] for s in report["sites"].values() if (s.get("privacy") or {}).get("dp")]
+    return {"arm": arm.name, "kind": arm.kind, "epsilon": arm.epsilon, "seed": seed, "wall_seconds": wall,
+            "train_seconds": sum(s.get("train_seconds") or 0 for s in report["sites"].values()),
+            "epsilon_spent": max(eps) if eps else None, "dice_per_site": dice,
+            "mean_dice": float(np.mean(list(dice.values())))}
+
+
+def score_model(model_file: Path, study: Study) -> dict[str, float]:
+    """Mean test Dice of a state dict on each site's test patients (whole volumes)."""
+    import torch
+
+    from dpseg.bundle import Bundle
+    from dpseg.evaluate import evaluate
+
+    bundle = Bundle()
+    network = bundle.network()
+    network.load_state_dict(torch.load(model_file, map_location="cpu", weights_only=True), strict=True)
+    network.eval()
+    return {s: evaluate(study.cohort / s / "datalist.json", bundle, network, "test")["mean_dice"] for s in study.sites}
+
+
+def audit_level(study: Study, epsilon: float | None) -> dict:
+    """The canonical audit (batch 1, one SGD step per round) with DP off (None) or at ``epsilon``,
+    on the first two sites; returns the report's audit summary and where the reconstructions are."""
+    from dpseg.report import build_report
+
+    g = study.grid
+    name = "no_DP" if epsilon is None else f"eps_{epsilon:g}"
+    run = study.work / "audit" / name
+    run.mkdir(parents=True, exist_ok=True)
+    server = {"num_rounds": g.audit_rounds, "attack_iterations": g.attack_iterations,
+              "attack_restarts": g.attack_restarts, "dp": epsilon is not None}
+    client = {"dp": epsilon is not None, "sampling": "poisson" if epsilon is not None else "fixed"}
+    if epsilon is not None:
+        server["target_epsilon"] = client["target_epsilon"] = epsilon
+    job = configure_job(JOBS_DIR / "fed_dp_audit", run / "job", server, client)
+    clients = study.sites[:2]
+    start = time.perf_counter()
+    result = run_simulator(job, run / "ws", study.env(run / "ledger_{site}.json"), clients, log=run / "simulator.log")
+    if result.returncode != 0:
+        raise RuntimeError(f"audit {name}: the simulator failed; see {run / 'simulator.log'}")
+    audit = build_report(run / "ws")["audit"] or {}
+    folders = sorted((run / "ws").glob("site-*/simulate_job/app_site-*/audit/round*"))
+    return {"level": "no DP" if epsilon is None else f"eps {epsilon:g}", "epsilon": epsilon,
+            "wall_seconds": time.perf_counter() - start, "summary": audit,
+            "examples": [str(f) for f in folders if (f / "reconstruction.npy").exists()]}
+
+
+def summarize(runs: list[dict]) -> list[dict]:
+    """Per arm: mean and spread (sample standard deviation; min, max) of the mean Dice over seeds,
+    per-site means, and the median wall time."""
+    rows = []
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        rs = [r for r in runs if r["arm"] == arm]
+        dice = [r["mean_dice"] for r in rs]
+        rows.append({"arm": arm, "kind": rs[0]["kind"], "epsilon": rs[0]["epsilon"], "seeds": len(rs),
+                     "mean_dice": statistics.mean(dice), "sd_dice": statistics.stdev(dice) if len(dice) > 1 else None,
+                     "min_dice": min(dice), "max_dice": max(dice),
+                     "dice_per_site": {s: statistics.mean(r["dice_per_site"][s] for r in rs) for s in rs[0]["dice_per_site"]},
+                     "wall_seconds": statistics.median(r["wall_seconds"] for r in rs),
+                     "epsilon_spent": max((r["epsilon_spent"] for r in rs if r["epsilon_spent"] is not None), default=None)})
+    return rows
+
+
+def machine() -> str:
+    """CPU model, cores and memory of this machine (no host name, no paths)."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or "unknown CPU") \
+        if Path("/proc/cpuinfo").exists() else platform.processor()
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30
+    return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.machine()}, no GPU used"
+
+
+def run_study(study: Study, only: set[str] | None = None, audit: bool = True) -> dict:
+    """Run the grid (arms whose kind is in ``only``, all by default), then the audits; writes the
+    results and returns them."""
+    g = study.grid
+    arms = [a for a in study.arms() if not only or a.kind in only]
+    plan = [(arm, seed) for seed in g.seeds for arm in arms]
+    levels = [None] + list(g.epsilons) if audit else []
+    estimate = len(plan) * g.minutes_per_run + len(levels) * g.minutes_per_audit
+    study.progress(f"study '{g.name}': {len(plan)} training runs and {len(levels)} audits; estimated "
+                   f"{estimate:.0f} min on a 2-core CPU (work folder {study.work})")
+    started, runs = time.perf_counter(), []
+    for n, (arm, seed) in enumerate(plan, 1):
+        study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed} ...")
+        runs.append(train_arm(study, arm, seed))
+        r = runs[-1]
+        per_run = (time.perf_counter() - started) / n / 60
+        left = (len(plan) - n) * per_run + len(levels) * g.minutes_per_audit
+        study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed}: mean test Dice {r['mean_dice']:.3f} in "
+                       f"{r['wall_seconds']:.0f} s; about {left:.0f} min left")
+    audits = []
+    for level in levels:
+        study.progress(f"audit {'no DP' if level is None else f'eps {level:g}'} ...")
+        audits.append(audit_level(study, level))
+        m = audits[-1]["summary"].get("mean", {})
+        study.progress(f"audit {audits[-1]['level']}: SSIM {m.get('ssim', float('nan')):.3f} "
+                       f"(baseline {m.get('baseline_ssim', float('nan')):.3f}), identified "
+                       f"{m.get('identified', float('nan')):.2f}, {audits[-1]['wall_seconds']:.0f} s")
+    results = {"grid": asdict(g), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+               "sites": study.sites, "total_minutes": (time.perf_counter() - started) / 60,
+               "runs": runs, "summary": summarize(runs), "audits": audits}
+    write_results(study, results)
+    return results
+
+
+def write_results(study: Study, results: dict) -> Path:
+    """``study_<grid>.json``, the figures and ``results.md`` (full grid) or ``results_<grid>.md``."""
+    from dpseg.studyreport import write_figures, write_markdown
+
+    study.out.mkdir(parents=True, exist_ok=True)
+    name = results["grid"]["name"]
+    (study.out / f"study_{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    figures = write_figures(results, study.out / "figures")
+    md = study.out / ("results.md" if name == "full" else f"results_{name}.md")
+    md.write_text(write_markdown(results, {k: p.relative_to(study.out) for k, p in figures.items()}))
+    study.progress(f"wrote {md}")
+    return md

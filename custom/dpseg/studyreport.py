@@ -1,0 +1,130 @@
+"""The study's results page: markdown tables and figures from ``dpseg.study``'s results.
+
+Figures: ``privacy_utility.png`` (epsilon vs mean test Dice of the FL arms, local and pooled as
+reference lines; leakage, SSIM and identification rate, per audit level) and
+``reconstructions.png`` (true slice and reconstruction of the first audited update per level).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
+
+
+def write_figures(results: dict, folder: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = results["grid"]["name"]
+    rows = results["summary"]
+    dp = sorted((r for r in rows if r["kind"] == "fed_dp"), key=lambda r: r["epsilon"])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    if dp:
+        left.errorbar([r["epsilon"] for r in dp], [r["mean_dice"] for r in dp],
+                      yerr=[r["sd_dice"] or 0 for r in dp], marker="o", capsize=3, label="FL + DP")
+    styles = {"fed": ("FL, no DP", "C1", "-"), "pooled": ("pooled, no DP", "C2", "--")}
+    for r in rows:
+        if r["kind"] in styles:
+            label, colour, line = styles[r["kind"]]
+            left.axhline(r["mean_dice"], color=colour, linestyle=line, label=label)
+    local = [r["mean_dice"] for r in rows if r["kind"] == "local"]
+    if local:
+        left.axhline(float(np.mean(local)), color="C3", linestyle=":", label="local alone (mean of sites)")
+    left.set_xscale("log")
+    left.set_xlabel("epsilon (patient level, delta 1e-5)")
+    left.set_ylabel("mean test Dice over sites")
+    left.set_title("utility")
+    left.legend(fontsize=8)
+    audits = [a for a in results.get("audits", []) if a["summary"].get("mean")]
+    if audits:
+        x = np.arange(len(audits))
+        means = [a["summary"]["mean"] for a in audits]
+        right.bar(x - 0.2, [m.get("ssim", np.nan) for m in means], 0.4, label="SSIM of reconstruction")
+        right.bar(x + 0.2, [m.get("identified", np.nan) for m in means], 0.4, label="identification rate")
+        right.plot(x, [m.get("baseline_ssim", np.nan) for m in means], "k_", markersize=20, label="uninformed SSIM")
+        right.set_xticks(x, [a["level"] for a in audits])
+        right.set_ylim(0, 1)
+        right.legend(fontsize=8)
+    right.set_title("leakage (gradient inversion)")
+    fig.tight_layout()
+    paths = {"privacy_utility": folder / f"{name}_privacy_utility.png"}
+    fig.savefig(paths["privacy_utility"], dpi=110)
+    plt.close(fig)
+
+    examples = [(a["level"], Path(a["examples"][0])) for a in results.get("audits", []) if a.get("examples")]
+    if examples:
+        fig, axes = plt.subplots(2, len(examples), figsize=(2.4 * len(examples), 5), squeeze=False)
+        for j, (level, folder_) in enumerate(examples):
+            for i, (what, file) in enumerate((("true slice", "truth.npy"), ("reconstruction", "reconstruction.npy"))):
+                ax = axes[i, j]
+                ax.imshow(np.load(folder_ / file)[0].T, cmap="gray", vmin=0, vmax=1, origin="lower")
+                ax.set_title(f"{level}: {what}", fontsize=8)
+                ax.axis("off")
+        fig.tight_layout()
+        paths["reconstructions"] = folder / f"{name}_reconstructions.png"
+        fig.savefig(paths["reconstructions"], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def write_markdown(results: dict, figures: dict[str, Path]) -> str:
+    g = results["grid"]
+    sites = results["sites"]
+    lines = [f"# Privacy-utility study ({g['name']} grid)", "",
+             f"Run {results['date']} on {results['machine']}; {results['total_minutes']:.0f} min in all.", "",
+             "Settings: synthetic cohort (cohort seed 0) with " + ", ".join(
+                 f"{s}: {p} patients" for s, p in zip(sites, g["patients"])) +
+             f" (the sites' own split into training / validation / test); {g['rounds']} rounds x "
+             f"{g['local_epochs']:g} local epochs, expected Poisson batch {g['batch_size']}, Adam; DP: patient-level "
+             f"(epsilon, delta 1e-5), PRV accountant, over all the job's steps, clip norm 1.0; seeds "
+             f"{', '.join(map(str, g['seeds']))} (initial model and, without DP, slice draws; DP noise fresh every run). "
+             "Every model is the best global model by validation Dice, scored on each site's test patients "
+             "(whole volumes); 'mean' is the mean over sites. Wall time: the simulator run (start-up, "
+             "training, validation, cross-site evaluation), median over seeds.", "",
+             "## Utility", "",
+             "| arm | mean test Dice | spread over seeds | " + " | ".join(sites) + " | epsilon spent | wall time (s) |",
+             "|---|---|---|" + "---|" * len(sites) + "---|---|"]
+    for r in results["summary"]:
+        spread = (f"sd {_fmt(r['sd_dice'])}, {_fmt(r['min_dice'])} to {_fmt(r['max_dice'])}"
+                  if r["seeds"] > 1 else "1 seed")
+        lines.append(f"| {r['arm']} | {_fmt(r['mean_dice'])} | {spread} | "
+                     + " | ".join(_fmt(r["dice_per_site"].get(s)) for s in sites)
+                     + f" | {_fmt(r['epsilon_spent'], '.2f')} | {r['wall_seconds']:.0f} |")
+    fed = next((r for r in results["summary"] if r["kind"] == "fed"), None)
+    if fed:
+        gaps = [f"eps {r['epsilon']:g}: {fed['mean_dice'] - r['mean_dice']:+.3f}"
+                for r in results["summary"] if r["kind"] == "fed_dp"]
+        if gaps:
+            lines += ["", "Dice gap, FL without DP minus FL with DP: " + ", ".join(gaps) + "."]
+    audits = results.get("audits", [])
+    if audits:
+        a0 = (audits[0]["summary"].get("attack") or {})
+        lines += ["", "## Leakage (gradient inversion of intercepted updates)", "",
+                  f"The canonical audit (`jobs/fed_dp_audit`: batch 1, one SGD step per round, {g['audit_rounds']} "
+                  f"round(s), sites {', '.join(sites[:2])}; attack {a0.get('iterations')} iterations x "
+                  f"{a0.get('restarts')} restarts, label {a0.get('label')}, known to the attacker). Means over scored "
+                  "updates; identification: the true slice is the most similar among all the site's training "
+                  "slices; bound: the (epsilon, delta) reconstruction-robustness bound on identification "
+                  "(e^eps x chance + delta), GDP~ its central-limit approximation.", "",
+                  "| level | updates scored | SSIM | uninformed SSIM | PSNR (dB) | identified | chance | bound | GDP~ | s / update |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for a in audits:
+            s = a["summary"]
+            m = s.get("mean", {})
+            lines.append(f"| {a['level']} | {s.get('scored', 0)} | {_fmt(m.get('ssim'))} | {_fmt(m.get('baseline_ssim'))} | "
+                         f"{_fmt(m.get('psnr'), '.1f')} | {_fmt(m.get('identified'), '.2f')} | {_fmt(m.get('chance'), '.1e')} | "
+                         f"{_fmt(m.get('bound_eps_delta'), '.2f')} | {_fmt(m.get('bound_gdp'), '.3f')} | "
+                         f"{_fmt(m.get('seconds'), '.0f')} |")
+    lines += [""]
+    for key, title in (("privacy_utility", "Privacy and utility"), ("reconstructions", "Example reconstructions")):
+        if key in figures:
+            lines += [f"![{title}]({figures[key].as_posix()})", ""]
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+import json
+
+import numpy as np
+import pytest
+
+from dpseg.study import GRIDS, Study, summarize
+from dpseg.studyreport import write_figures, write_markdown
+
+
+def _run(arm, kind, seed, dice, eps=None):
+    return {"arm": arm, "kind": kind, "epsilon": eps, "seed": seed, "wall_seconds": 60.0 + seed,
+            "train_seconds": 30.0, "epsilon_spent": eps and eps - 0.01,
+            "dice_per_site": {"site-1": dice, "site-2": dice - 0.1}, "mean_dice": dice - 0.05}
+
+
+def test_arms_cover_local_pooled_fl_and_every_epsilon(cohort, tmp_path):
+    study = Study(GRIDS["quick"], cohort, tmp_path / "work", tmp_path / "out")
+    assert study.sites == ["site-1", "site-2"]
+    names = [a.name for a in study.arms()]
+    assert names == ["local site-1", "local site-2", "pooled", "FL", "FL+DP eps 8", "FL+DP eps 3", "FL+DP eps 1"]
+    assert len({a.slug for a in study.arms()}) == len(names)
+    with pytest.raises(FileNotFoundError, match="no site-"):
+        Study(GRIDS["quick"], tmp_path, tmp_path / "w", tmp_path / "o")
+
+
+def test_summary_gives_mean_and_spread_over_seeds():
+    runs = [_run("FL", "fed", s, d) for s, d in enumerate([0.90, 0.94, 0.92])] + [_run("FL+DP eps 8", "fed_dp", 0, 0.8, 8.0)]
+    fl, dp = summarize(runs)
+    assert fl["seeds"] == 3 and fl["mean_dice"] == pytest.approx(0.87) and fl["sd_dice"] == pytest.approx(0.02)
+    assert (fl["min_dice"], fl["max_dice"]) == (pytest.approx(0.85), pytest.approx(0.89))
+    assert fl["dice_per_site"]["site-2"] == pytest.approx(0.82) and fl["wall_seconds"] == 61.0
+    assert dp["seeds"] == 1 and dp["sd_dice"] is None and dp["epsilon_spent"] == pytest.approx(7.99)
+
+
+def test_results_page_and_figures(tmp_path):
+    example = tmp_path / "ex"
+    example.mkdir()
+    np.save(example / "truth.npy", np.zeros((1, 8, 8)))
+    np.save(example / "reconstruction.npy", np.ones((1, 8, 8)) * 0.5)
+    runs = [_run("FL", "fed", 0, 0.9), _run("pooled", "pooled", 0, 0.95), _run("local site-1", "local", 0, 0.7),
+            _run("FL+DP eps 8", "fed_dp", 0, 0.8, 8.0), _run("FL+DP eps 1", "fed_dp", 0, 0.6, 1.0)]
+    audit = {"level": "no DP", "epsilon": None, "wall_seconds": 10.0, "examples": [str(example)],
+             "summary": {"attack": {"iterations": 20, "restarts": 1, "label": "known"}, "scored": 2,
+                         "mean": {"ssim": 0.3, "baseline_ssim": 0.5, "identified": 0.5, "psnr": 12.0}}}
+    results = {"grid": {**GRIDS["quick"].__dict__}, "date": "2026-01-01 00:00 UTC", "machine": "test CPU",
+               "sites": ["site-1", "site-2"], "total_minutes": 3.0, "runs": runs, "summary": summarize(runs),
+               "audits": [audit]}
+    figures = write_figures(results, tmp_path / "figures")
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in figures.values()) and set(figures) == {
+        "privacy_utility", "reconstructions"}
+    md = write_markdown(results, {k: p.relative_to(tmp_path) for k, p in figures.items()})
+    assert "| FL+DP eps 8 | 0.750 | 1 seed | 0.800 | 0.700 | 7.99 | 60 |" in md
+    assert "Dice gap, FL without DP minus FL with DP: eps 8: +0.100, eps 1: +0.300." in md
+    assert "| no DP | 2 | 0.300 | 0.500 | 12.0 | 0.50 |" in md
+    assert "![Privacy and utility](figures/quick_privacy_utility.png)" in md
+    json.dumps(results)  # the results are plain JSON
