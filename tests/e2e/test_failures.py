@@ -81,7 +81,7 @@ def test_a_site_killed_in_the_middle_of_a_round_is_missing_and_rejoins_the_next_
     root, _ = three_site_root(cohort, tmp_path, damage=False)
     env = env_for(root, tmp_path)
     job = prepare_job("fed_dp", tmp_path, rounds=3, server_args={"round_wait_seconds": 5,
-                      "validation_timeout_seconds": 20}, batch_size=2, local_epochs=1.0)
+                      "validation_timeout_seconds": 10}, batch_size=2, local_epochs=1.0)
     ws = tmp_path / "ws"
     allow_dpseg(ws)
     nvflare = Path(sys.executable).parent / "nvflare"

@@ -1,5 +1,5 @@
-"""POC mode through poc/: prepare, start, submit jobs/fed_dp as the admin, report, stop. The
-server and sites are real NVFlare processes talking gRPC over loopback."""
+"""POC mode through poc/: prepare, start, submit jobs/fed_dp as the admin, report, resume, stop.
+The server and sites are real NVFlare processes talking gRPC over loopback."""
 
 import json
 import os
@@ -49,28 +49,6 @@ class Poc:
             time.sleep(0.5)
 
 
-def test_poc_scripts_run_fed_dp_with_two_sites(cohort, tmp_path):
-    poc = Poc(tmp_path, cohort)
-    job = prepare_job("fed_dp", tmp_path / "jobs", rounds=2, batch_size=2, local_epochs=1.0)
-    poc.run("bash", REPO / "poc" / "prepare.sh", "2")
-    settings = json.loads((poc.kit("site-1") / "local" / "dpseg_site.json").read_text())
-    assert settings["data_root"] == str(cohort) and settings["total_epsilon"] == 20
-    try:
-        poc.run("bash", REPO / "poc" / "start.sh")
-        out = poc.run(sys.executable, REPO / "poc" / "submit.py", job, "--out", tmp_path / "result",
-                      "--timeout", "900", timeout=1000)
-        assert "FINISHED:COMPLETED" in out and "mean test Dice of the best global model" in out
-    finally:
-        poc.stop()
-    report = json.loads(next((tmp_path / "result").glob("*/dpseg_report.json")).read_text())
-    for site in ("site-1", "site-2"):
-        p = report["sites"][site]["privacy"]
-        assert p["dp"] is True and 0 < p["epsilon"] <= 8.0 and p["steps"] == 4 and p["unit"] == "patient"
-        assert (tmp_path / "ledgers" / f"{site}.json").exists()
-    assert not leftover_pids(str(poc.folder))
-
-
-
 def kill_job_process_in_round(poc: Poc, site: str, round_: int, timeout: float = 600) -> None:
     """Once the server has assigned ``site`` its train task of ``round_`` (0-based), SIGKILL the
     site's job process (the site's client stays up)."""
@@ -94,6 +72,8 @@ def test_poc_site_killed_mid_round_fails_the_job_which_resumes_with_the_site_bac
     job = prepare_job("fed_dp", tmp_path / "jobs", rounds=3, server_args={"round_wait_seconds": 5},
                       batch_size=2, local_epochs=1.0)
     poc.run("bash", REPO / "poc" / "prepare.sh", "3")
+    settings = json.loads((poc.kit("site-1") / "local" / "dpseg_site.json").read_text())
+    assert settings["data_root"] == str(data) and settings["total_epsilon"] == 20
     submit = [sys.executable, REPO / "poc" / "submit.py"]
     try:
         poc.run("bash", REPO / "poc" / "start.sh")
@@ -109,7 +89,7 @@ def test_poc_site_killed_mid_round_fails_the_job_which_resumes_with_the_site_bac
         out = run_cli("resume-job", str(result), "--job", str(job), "--out", str(resumed))
         assert out.returncode == 0 and "rounds 1..2 (2 left)" in out.stdout, out.stdout + out.stderr
         again = poc.run(*submit, resumed, "--out", tmp_path / "again", "--timeout", "600", timeout=700)
-        assert "FINISHED:COMPLETED" in again
+        assert "FINISHED:COMPLETED" in again and "mean test Dice of the best global model" in again
     finally:
         poc.stop()
     report = json.loads(next((tmp_path / "again").glob("*/dpseg_report.json")).read_text())
@@ -119,6 +99,7 @@ def test_poc_site_killed_mid_round_fails_the_job_which_resumes_with_the_site_bac
         ledger = Ledger.open(tmp_path / "ledgers" / f"{site}.json", 20.0)
         (entry, record), = ledger.jobs.items()  # one entry: the resumed job continued the stopped one
         assert entry == result.name and record["continued_by"] == [new_job]
-        assert report["sites"][site]["privacy"]["ledger_entry"] == entry
+        p = report["sites"][site]["privacy"]
+        assert p["ledger_entry"] == entry and p["dp"] is True and p["unit"] == "patient" and 0 < p["epsilon"] <= 8.0
         assert record["steps"] >= 2 + 4 and record["spent_epsilon"] <= 8.0
     assert not leftover_pids(str(poc.folder))
