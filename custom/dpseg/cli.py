@@ -140,7 +140,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     if not (cohort / "datalist.json").exists():
         print(f"error: {cohort / 'datalist.json'} (all sites pooled) is missing; the pooled arm needs it", file=sys.stderr)
         return 2
-    study = Study(grid, cohort, work, Path(args.out), progress=lambda m: print(m, flush=True))
+    note = f"the sites' datalists in {cohort.name}/" if args.data else \
+        f"synthetic cohort (dpseg synth, seed 0; {', '.join(map(str, grid.patients))} patients per site)"
+    study = Study(grid, cohort, work, Path(args.out), progress=lambda m: print(m, flush=True), cohort_note=note)
     run_study(study, only=set(args.only.split(",")) if args.only else None, audit=not args.no_audit)
     return 0
 

@@ -90,6 +90,7 @@ class Study:
     out: Path
     sites: list[str] = field(default_factory=list)
     progress: callable = print
+    cohort_note: str = "synthetic cohort (dpseg synth, seed 0)"
 
     def __post_init__(self):
         if not self.sites:
@@ -132,18 +133,23 @@ def train_arm(study: Study, arm: Arm, seed: int) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"{arm.name}, seed {seed}: the simulator failed; see {run / 'simulator.log'}")
     report = build_report(run / "ws")
-    if not report["best_model_bundle"]:
-        raise RuntimeError(f"{arm.name}, seed {seed}: no best global model in {run / 'ws'}")
-    dice = score_model(Path(report["best_model_bundle"]) / "models" / "model.pt", study)
+    if report["best_model_bundle"]:
+        model, which = Path(report["best_model_bundle"]) / "models" / "model.pt", "best"
+    else:  # no best model is chosen in a one-round job (round 0's validation is of the initial model)
+        model, which = next((run / "ws" / "server").rglob("FL_global_model.pt"), None), "final"
+        if model is None:
+            raise RuntimeError(f"{arm.name}, seed {seed}: no global model in {run / 'ws'}")
+    dice = score_model(model, study)
     eps = [s["privacy"]["epsilon"] for s in report["sites"].values() if (s.get("privacy") or {}).get("dp")]
-    return {"arm": arm.name, "kind": arm.kind, "epsilon": arm.epsilon, "seed": seed, "wall_seconds": wall,
+    return {"arm": arm.name, "kind": arm.kind, "epsilon": arm.epsilon, "seed": seed, "model": which, "wall_seconds": wall,
             "train_seconds": sum(s.get("train_seconds") or 0 for s in report["sites"].values()),
             "epsilon_spent": max(eps) if eps else None, "dice_per_site": dice,
             "mean_dice": float(np.mean(list(dice.values())))}
 
 
 def score_model(model_file: Path, study: Study) -> dict[str, float]:
-    """Mean test Dice of a state dict on each site's test patients (whole volumes)."""
+    """Mean test Dice of a state dict (or an NVFlare checkpoint) on each site's test patients
+    (whole volumes)."""
     import torch
 
     from dpseg.bundle import Bundle
@@ -151,7 +157,8 @@ def score_model(model_file: Path, study: Study) -> dict[str, float]:
 
     bundle = Bundle()
     network = bundle.network()
-    network.load_state_dict(torch.load(model_file, map_location="cpu", weights_only=True), strict=True)
+    state = torch.load(model_file, map_location="cpu", weights_only=True)
+    network.load_state_dict(state.get("model", state), strict=True)  # NVFlare's checkpoints wrap it in "model"
     network.eval()
     return {s: evaluate(study.cohort / s / "datalist.json", bundle, network, "test")["mean_dice"] for s in study.sites}
 
@@ -235,7 +242,7 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True) ->
         study.progress(f"audit {audits[-1]['level']}: SSIM {m.get('ssim', float('nan')):.3f} "
                        f"(baseline {m.get('baseline_ssim', float('nan')):.3f}), identified "
                        f"{m.get('identified', float('nan')):.2f}, {audits[-1]['wall_seconds']:.0f} s")
-    results = {"grid": asdict(g), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
+    results = {"grid": asdict(g), "cohort": study.cohort_note, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
                "sites": study.sites, "total_minutes": (time.perf_counter() - started) / 60,
                "runs": runs, "summary": summarize(runs), "audits": audits}
     write_results(study, results)

@@ -80,14 +80,13 @@ def write_markdown(results: dict, figures: dict[str, Path]) -> str:
     sites = results["sites"]
     lines = [f"# Privacy-utility study ({g['name']} grid)", "",
              f"Run {results['date']} on {results['machine']}; {results['total_minutes']:.0f} min in all.", "",
-             "Settings: synthetic cohort (cohort seed 0) with " + ", ".join(
-                 f"{s}: {p} patients" for s, p in zip(sites, g["patients"])) +
-             f" (the sites' own split into training / validation / test); {g['rounds']} rounds x "
+             f"Settings: {results.get('cohort', 'synthetic cohort')}, sites " + ", ".join(sites) +
+             f" (each site's own split into training / validation / test); {g['rounds']} round(s) x "
              f"{g['local_epochs']:g} local epochs, expected Poisson batch {g['batch_size']}, Adam; DP: patient-level "
              f"(epsilon, delta 1e-5), PRV accountant, over all the job's steps, clip norm 1.0; seeds "
              f"{', '.join(map(str, g['seeds']))} (initial model and, without DP, slice draws; DP noise fresh every run). "
-             "Every model is the best global model by validation Dice, scored on each site's test patients "
-             "(whole volumes); 'mean' is the mean over sites. Wall time: the simulator run (start-up, "
+             "Every model is the best global model by validation Dice (the final one in a one-round job), "
+             "scored on each site's test patients (whole volumes); 'mean' is the mean over sites. Wall time: the simulator run (start-up, "
              "training, validation, cross-site evaluation), median over seeds.", "",
              "## Utility", "",
              "| arm | mean test Dice | spread over seeds | " + " | ".join(sites) + " | epsilon spent | wall time (s) |",
