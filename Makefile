@@ -49,9 +49,10 @@ demo-baseline: $(STAMP)
 	    | tee $(DEMO)/simulator_fed.log | $(SIM_PROGRESS)
 	$(BIN)/dpseg report $(DEMO)/ws_fed
 
-# DP vs non-DP step time of the bundle network (medians, same process) -> bench.json
+# DP vs non-DP step time of the bundle network (medians, same process) and each mode's peak memory,
+# attack time, simulator overhead and scaling (1, 2, 4, 8 sites) -> bench.json (about 10 min)
 bench: $(STAMP)
-	$(BIN)/python -m dpseg.bench --json bench.json
+	$(BIN)/python -m dpseg.bench --attack --fl --json bench.json
 
 # The privacy-utility study (local, pooled, FL, FL+DP at epsilon 8, 3, 1, and the audit at each):
 # docs/results.md and docs/figures/. The full grid takes hours on a 2-core CPU; study-quick ~15 min.
