@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpseg.inversion import AttackSettings, invert
+from dpseg.inversion import AttackSettings, UpdateModel, cosine_distance, invert, smooth_copy
 from dpseg.metrics import ssim
 
 SIZE = 16
@@ -102,3 +102,36 @@ def test_metrics_and_identification():
     assert 20 < psnr(noisy, slices[3]) < 30
     with pytest.raises(ValueError, match="shape"):
         ssim(slices[0][:8], slices[0])
+
+
+def _matching(model, x, y, observed):
+    return cosine_distance(model.gradient(model.params, x, y), observed)
+
+
+def test_smooth_surrogate_makes_the_matching_loss_differentiable(bundle):
+    torch.manual_seed(0)
+    net, loss_fn = bundle.network().double(), bundle.loss()
+    smooth, surrogates = smooth_copy(net, beta=20.0)
+    assert surrogates and not any(isinstance(m, torch.nn.LeakyReLU) for m in smooth.modules())
+    assert any(isinstance(m, torch.nn.LeakyReLU) for m in net.modules())  # the site's network is untouched
+    assert [n for n, _ in smooth.named_parameters()] == [n for n, _ in net.named_parameters()]
+    x = torch.rand(1, 1, 32, 32, dtype=torch.float64)
+    y = (torch.rand(1, 1, 32, 32) > 0.7).double()
+    truth = torch.rand(1, 1, 32, 32, dtype=torch.float64)
+    direction = torch.randn_like(x)
+    errors = {}
+    for name, network in (("exact", net), ("smooth", smooth)):
+        model = UpdateModel(network, loss_fn)
+        observed = [g.detach() for g in model.gradient(model.params, truth, y, create_graph=False)]
+        xg = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(_matching(model, xg, y, observed), xg)
+        h = 1e-3  # a small step per pixel
+        numeric = (_matching(model, x + h * direction, y, observed) - _matching(model, x - h * direction, y, observed)) / (2 * h)
+        analytic = (grad * direction).sum()
+        errors[name] = float((numeric - analytic).abs() / analytic.abs())
+    # with the exact activation the loss jumps as pre-activations change sign; the surrogate's does not
+    assert errors["smooth"] < 0.05 and errors["exact"] > 0.5, errors
+    for m in surrogates:
+        m.beta = 1e4
+    out = smooth(x)
+    assert torch.allclose(out, net(x), atol=1e-3)

@@ -232,8 +232,8 @@ class AuditController(Controller):
     iterations, restarts, label ("known" / "joint"), simulate ("single" / "unroll"): the attack.
     """
 
-    def __init__(self, interceptor_id: str = "interceptor", task_name: str = AUDIT_TASK, iterations: int = 1000,
-                 restarts: int = 2, label: str = "known", simulate: str = "single", task_timeout: int = 0):
+    def __init__(self, interceptor_id: str = "interceptor", task_name: str = AUDIT_TASK, iterations: int = 2000,
+                 restarts: int = 1, label: str = "known", simulate: str = "single", task_timeout: int = 0):
         super().__init__()
         self.interceptor_id, self.task_name, self.task_timeout = interceptor_id, task_name, task_timeout
         self.attack = {"iterations": iterations, "restarts": restarts, "label": label, "simulate": simulate}

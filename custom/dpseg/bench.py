@@ -161,8 +161,8 @@ def step_time_ratios(batch_size: int = 16, repeats: int = 7, threads: int | None
             "torch": torch.__version__, "modes": results}
 
 
-def attack_time(iterations: int = 20, repeats: int = 5, default_iterations: int = 1000,
-                default_restarts: int = 2) -> dict:
+def attack_time(iterations: int = 20, repeats: int = 5, default_iterations: int = 2000,
+                default_restarts: int = 1) -> dict:
     """Seconds per attack iteration on the bundle network (median of ``repeats`` runs of
     ``iterations`` iterations, one restart, known mask), and the implied seconds per audited
     update at the default ``default_iterations`` x ``default_restarts``."""

@@ -51,11 +51,11 @@ class Grid:
 
 
 GRIDS = {
-    "quick": Grid("quick", [10, 10, 10], rounds=3, local_epochs=2.0, batch_size=4, epsilons=[8.0, 3.0, 1.0],
-                  seeds=[0], audit_rounds=1, attack_iterations=200, attack_restarts=1,
-                  minutes_per_run=0.8, minutes_per_audit=1.2),
+    "quick": Grid("quick", [16, 16, 16], rounds=4, local_epochs=3.0, batch_size=4, epsilons=[8.0, 3.0, 1.0],
+                  seeds=[0], audit_rounds=2, attack_iterations=200, attack_restarts=1,
+                  minutes_per_run=1.0, minutes_per_audit=1.2),
     "full": Grid("full", [60, 90, 120], rounds=20, local_epochs=6.0, batch_size=16, epsilons=[8.0, 3.0, 1.0],
-                 seeds=[0, 1, 2], audit_rounds=2, attack_iterations=1000, attack_restarts=2,
+                 seeds=[0, 1, 2], audit_rounds=2, attack_iterations=2000, attack_restarts=1,
                  minutes_per_run=5.0, minutes_per_audit=8.0),
 }
 
@@ -109,6 +109,29 @@ class Study:
         return env
 
 
+def simulate_complete(study: Study, job: Path, run: Path, env: dict, clients: list[str]) -> tuple[Path, float]:
+    """Run ``job`` in the simulator in ``run/ws``; returns (workspace, wall seconds). The NVFlare 2.9
+    simulator now and then starts two client workers under the same site name, and one site's
+    contributions go missing (seen in the audit job); a run with a round that lacks a client's
+    contribution is run once more in a fresh workspace, and the second run's result is kept."""
+    from dpseg.report import build_report
+
+    for attempt in (1, 2):
+        ws = run / ("ws" if attempt == 1 else "ws_rerun")
+        start = time.perf_counter()
+        result = run_simulator(job, ws, env, clients, log=run / f"simulator{'' if attempt == 1 else '_rerun'}.log")
+        wall = time.perf_counter() - start
+        if result.returncode != 0:
+            raise RuntimeError(f"{run.name}: the simulator failed; see {run / 'simulator.log'}")
+        missing = build_report(ws)["missing_contributions"]
+        rounds = json.loads(next((ws / "server").rglob("dpseg_rounds.json")).read_text())
+        if not missing and all(len(r["sites"]) == len(clients) for r in rounds):
+            return ws, wall
+        study.progress(f"  {run.name}: a round lacks a site's contribution ({missing or 'simulator client mix-up'}); "
+                       + ("running it once more" if attempt == 1 else "keeping this result"))
+    return ws, wall
+
+
 def train_arm(study: Study, arm: Arm, seed: int) -> dict:
     """Train one arm in the simulator and score its best global model on every site's test split."""
     from dpseg.report import build_report
@@ -126,19 +149,14 @@ def train_arm(study: Study, arm: Arm, seed: int) -> dict:
     job = configure_job(JOBS_DIR / ("fed_dp" if arm.kind == "fed_dp" else "fed"), run / "job", server, client,
                         persistor_args={"seed": seed}, learner_args={"seed": seed})
     pooled = study.cohort / "datalist.json" if arm.kind == "pooled" else None
-    start = time.perf_counter()
-    result = run_simulator(job, run / "ws", study.env(run / "ledger_{site}.json", pooled), clients,
-                           log=run / "simulator.log")
-    wall = time.perf_counter() - start
-    if result.returncode != 0:
-        raise RuntimeError(f"{arm.name}, seed {seed}: the simulator failed; see {run / 'simulator.log'}")
-    report = build_report(run / "ws")
+    ws, wall = simulate_complete(study, job, run, study.env(run / "ledger_{site}.json", pooled), clients)
+    report = build_report(ws)
     if report["best_model_bundle"]:
         model, which = Path(report["best_model_bundle"]) / "models" / "model.pt", "best"
     else:  # no best model is chosen in a one-round job (round 0's validation is of the initial model)
-        model, which = next((run / "ws" / "server").rglob("FL_global_model.pt"), None), "final"
+        model, which = next((ws / "server").rglob("FL_global_model.pt"), None), "final"
         if model is None:
-            raise RuntimeError(f"{arm.name}, seed {seed}: no global model in {run / 'ws'}")
+            raise RuntimeError(f"{arm.name}, seed {seed}: no global model in {ws}")
     dice = score_model(model, study)
     eps = [s["privacy"]["epsilon"] for s in report["sites"].values() if (s.get("privacy") or {}).get("dp")]
     return {"arm": arm.name, "kind": arm.kind, "epsilon": arm.epsilon, "seed": seed, "model": which, "wall_seconds": wall,
@@ -179,14 +197,11 @@ def audit_level(study: Study, epsilon: float | None) -> dict:
         server["target_epsilon"] = client["target_epsilon"] = epsilon
     job = configure_job(JOBS_DIR / "fed_dp_audit", run / "job", server, client)
     clients = study.sites[:2]
-    start = time.perf_counter()
-    result = run_simulator(job, run / "ws", study.env(run / "ledger_{site}.json"), clients, log=run / "simulator.log")
-    if result.returncode != 0:
-        raise RuntimeError(f"audit {name}: the simulator failed; see {run / 'simulator.log'}")
-    audit = build_report(run / "ws")["audit"] or {}
-    folders = sorted((run / "ws").glob("site-*/simulate_job/app_site-*/audit/round*"))
+    ws, wall = simulate_complete(study, job, run, study.env(run / "ledger_{site}.json"), clients)
+    audit = build_report(ws)["audit"] or {}
+    folders = sorted(ws.glob("site-*/simulate_job/app_site-*/audit/round*"))
     return {"level": "no DP" if epsilon is None else f"eps {epsilon:g}", "epsilon": epsilon,
-            "wall_seconds": time.perf_counter() - start, "summary": audit,
+            "wall_seconds": wall, "summary": audit,
             "examples": [str(f) for f in folders if (f / "reconstruction.npy").exists()]}
 
 
@@ -250,13 +265,16 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True) ->
 
 
 def write_results(study: Study, results: dict) -> Path:
-    """``study_<grid>.json``, the figures and ``results.md`` (full grid) or ``results_<grid>.md``."""
+    """``study_<grid>.json`` (example folders relative to the work folder), the figures and
+    ``results.md`` (full grid) or ``results_<grid>.md``."""
     from dpseg.studyreport import write_figures, write_markdown
 
     study.out.mkdir(parents=True, exist_ok=True)
     name = results["grid"]["name"]
-    (study.out / f"study_{name}.json").write_text(json.dumps(results, indent=1) + "\n")
     figures = write_figures(results, study.out / "figures")
+    shareable = {**results, "audits": [{**a, "examples": [str(Path(e).relative_to(study.work)) for e in a["examples"]]}
+                                       for a in results["audits"]]}  # no paths of this machine
+    (study.out / f"study_{name}.json").write_text(json.dumps(shareable, indent=1) + "\n")
     md = study.out / ("results.md" if name == "full" else f"results_{name}.md")
     md.write_text(write_markdown(results, {k: p.relative_to(study.out) for k, p in figures.items()}))
     study.progress(f"wrote {md}")

@@ -39,6 +39,9 @@ def write_figures(results: dict, folder: Path) -> dict[str, Path]:
     if local:
         left.axhline(float(np.mean(local)), color="C3", linestyle=":", label="local alone (mean of sites)")
     left.set_xscale("log")
+    if dp:
+        left.set_xticks([r["epsilon"] for r in dp], [f"{r['epsilon']:g}" for r in dp])
+        left.minorticks_off()
     left.set_xlabel("epsilon (patient level, delta 1e-5)")
     left.set_ylabel("mean test Dice over sites")
     left.set_title("utility")
