@@ -19,14 +19,19 @@ SERVER_CONFIG = Path("app") / "config" / "config_fed_server.json"
 CLIENT_CONFIG = Path("app") / "config" / "config_fed_client.json"
 
 
-def component_args(config: dict, marker: str) -> dict:
-    """The ``args`` of the first component, workflow or executor whose id or path contains ``marker``."""
+def find_component(config: dict, marker: str) -> dict:
+    """The first component, workflow or executor whose id is ``marker`` or whose path contains it."""
     items = config.get("components", []) + config.get("workflows", []) + \
         [e.get("executor", {}) for e in config.get("executors", [])]
     for item in items:
         if marker == item.get("id") or marker in item.get("path", ""):
-            return item.setdefault("args", {})
+            return item
     raise KeyError(f"no component {marker!r} in the job config")
+
+
+def component_args(config: dict, marker: str) -> dict:
+    """The ``args`` of ``find_component(config, marker)``."""
+    return find_component(config, marker).setdefault("args", {})
 
 
 def configure_job(source: Path, dest: Path, server_args: dict | None = None, client_args: dict | None = None,
@@ -50,17 +55,22 @@ def configure_job(source: Path, dest: Path, server_args: dict | None = None, cli
     return dest
 
 
-def run_simulator(job: Path, workspace: Path, env: dict, clients: list[str], timeout: float = 3600,
-                  log: Path | None = None) -> subprocess.CompletedProcess:
-    """``nvflare simulator JOB -w WORKSPACE -c CLIENTS -t N`` (one process per client) with the
-    given site environment; dpseg is allowed in the workspace first. Output goes to ``log`` if
-    given, else is captured."""
+def simulator_command(job: Path, workspace: Path, clients: list[str]) -> list[str]:
+    """``nvflare simulator JOB -w WORKSPACE -c CLIENTS -t N`` (one process per client), with dpseg
+    allowed in the workspace."""
     from dpseg.workspace import allow_dpseg
 
     allow_dpseg(workspace)
     nvflare = Path(sys.executable).parent / "nvflare"
-    cmd = [str(nvflare), "simulator", str(job), "-w", str(workspace), "-c", ",".join(clients),
-           "-t", str(len(clients))]
+    return [str(nvflare), "simulator", str(job), "-w", str(workspace), "-c", ",".join(clients),
+            "-t", str(len(clients))]
+
+
+def run_simulator(job: Path, workspace: Path, env: dict, clients: list[str], timeout: float = 3600,
+                  log: Path | None = None) -> subprocess.CompletedProcess:
+    """``simulator_command`` run to the end with the given site environment. Output goes to
+    ``log`` if given, else is captured."""
+    cmd = simulator_command(job, workspace, clients)
     if log is None:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
     with open(log, "w") as out:

@@ -92,6 +92,11 @@ class Accountant:
         self._acc.history = [tuple(h) for h in (history or [])]
 
     @property
+    def history(self) -> list[tuple]:
+        """[(noise multiplier, sample rate, steps), ...] so far (a copy)."""
+        return [tuple(h) for h in self._acc.history]
+
+    @property
     def steps(self) -> int:
         return sum(int(h[2]) for h in self._acc.history)
 
@@ -143,7 +148,7 @@ def replan(accountant: Accountant, more_steps: int) -> Accountant:
     s = accountant.settings
     if accountant.steps + more_steps <= s.steps:
         return accountant
-    history = [tuple(h) for h in accountant._acc.history]
+    history = accountant.history
 
     def fits(sigma: float) -> bool:
         return history_epsilon(history, s, (sigma, s.sample_rate, more_steps)) <= s.target_epsilon
@@ -174,9 +179,6 @@ def continue_accountant(ledger: "Ledger", job_id: str, more_steps: int, **settin
         return None
     try:
         accountant.settings.check_same(**settings)
-    except PrivacyError as err:
-        raise PrivacyError(f"cannot continue ledger entry {job_id} of {ledger.path}: {err}") from None
-    try:
         return replan(accountant, more_steps)
     except PrivacyError as err:
         raise PrivacyError(f"cannot continue ledger entry {job_id} of {ledger.path}: {err}") from None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dpseg.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component
 from dpseg.server import RESUME_FILE, ROUNDS_FILE
 
 RESUME_MODEL = "resume/global_model.pt"
@@ -69,11 +70,11 @@ def _set_arg(config: dict, args: dict, name: str, value) -> None:
         args[name] = value
 
 
-def _component(items: list[dict], marker: str, config_file: Path) -> dict:
-    for item in items:
-        if marker in item.get("path", ""):
-            return item
-    raise ResumeError(f"{config_file} has no component whose path contains {marker}")
+def _component(config: dict, marker: str, config_file: Path) -> dict:
+    try:
+        return find_component(config, marker)
+    except KeyError:
+        raise ResumeError(f"{config_file} has no component {marker}") from None
 
 
 def resume_job(run: Path, job: Path, out: Path) -> dict:
@@ -89,24 +90,22 @@ def resume_job(run: Path, job: Path, out: Path) -> dict:
     entries = ledger_entries(find_one(run, ROUNDS_FILE))
     if out.exists():
         raise ResumeError(f"{out} exists; choose a new folder for the resumed job")
-    server_file = job / "app" / "config" / "config_fed_server.json"
-    client_file = job / "app" / "config" / "config_fed_client.json"
+    server_file, client_file = job / SERVER_CONFIG, job / CLIENT_CONFIG
     server, client = _config(server_file), _config(client_file)
 
-    workflow = _component(server.get("workflows", []), WORKFLOW, server_file)
+    workflow = _component(server, WORKFLOW, server_file)
     workflow["args"]["start_round"] = next_round
     _set_arg(server, workflow["args"], "num_rounds", end - next_round)
     persistor_id = workflow["args"].get("persistor_id", "persistor")
-    persistor = next((c for c in server.get("components", []) if c.get("id") == persistor_id), None)
-    if persistor is None or "dpseg.server.BundlePersistor" not in persistor.get("path", ""):
+    persistor = _component(server, persistor_id, server_file)
+    if "dpseg.server.BundlePersistor" not in persistor.get("path", ""):
         raise ResumeError(f"{server_file}: the persistor {persistor_id!r} is not dpseg.server.BundlePersistor")
     persistor.setdefault("args", {})["resume_model"] = RESUME_MODEL
-    learner = _component([e.get("executor", {}) for e in client.get("executors", [])], LEARNER, client_file)
-    learner.setdefault("args", {})["resume"] = entries
+    _component(client, LEARNER, client_file).setdefault("args", {})["resume"] = entries
 
     shutil.copytree(job, out)
-    (out / "app" / "config" / "config_fed_server.json").write_text(json.dumps(server, indent=4) + "\n")
-    (out / "app" / "config" / "config_fed_client.json").write_text(json.dumps(client, indent=4) + "\n")
+    (out / SERVER_CONFIG).write_text(json.dumps(server, indent=4) + "\n")
+    (out / CLIENT_CONFIG).write_text(json.dumps(client, indent=4) + "\n")
     model_file = out / "app" / RESUME_MODEL
     model_file.parent.mkdir(parents=True)
     torch.save(point["model"], model_file)

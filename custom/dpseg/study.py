@@ -114,20 +114,20 @@ def simulate_complete(study: Study, job: Path, run: Path, env: dict, clients: li
     simulator now and then starts two client workers under the same site name, and one site's
     contributions go missing (seen in the audit job); a run with a round that lacks a client's
     contribution is run once more in a fresh workspace, and the second run's result is kept."""
-    from dpseg.report import build_report
+    from dpseg.server import ROUNDS_FILE
 
     for attempt in (1, 2):
-        ws = run / ("ws" if attempt == 1 else "ws_rerun")
+        ws, log = (run / "ws", run / "simulator.log") if attempt == 1 else (run / "ws_rerun", run / "simulator_rerun.log")
         start = time.perf_counter()
-        result = run_simulator(job, ws, env, clients, log=run / f"simulator{'' if attempt == 1 else '_rerun'}.log")
+        result = run_simulator(job, ws, env, clients, log=log)
         wall = time.perf_counter() - start
         if result.returncode != 0:
-            raise RuntimeError(f"{run.name}: the simulator failed; see {run / 'simulator.log'}")
-        missing = build_report(ws)["missing_contributions"]
-        rounds = json.loads(next((ws / "server").rglob("dpseg_rounds.json")).read_text())
-        if not missing and all(len(r["sites"]) == len(clients) for r in rounds):
+            raise RuntimeError(f"{run.name}: the simulator failed; see {log}")
+        rounds = json.loads(next((ws / "server").rglob(ROUNDS_FILE)).read_text())
+        missing = {r["round"]: sorted(set(clients) - set(r["sites"])) for r in rounds if set(clients) - set(r["sites"])}
+        if not missing:
             return ws, wall
-        study.progress(f"  {run.name}: a round lacks a site's contribution ({missing or 'simulator client mix-up'}); "
+        study.progress(f"  {run.name}: rounds without a site's contribution {missing}; "
                        + ("running it once more" if attempt == 1 else "keeping this result"))
     return ws, wall
 

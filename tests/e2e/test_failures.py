@@ -5,14 +5,12 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 from conftest import datalist_items
+from dpseg.jobs import simulator_command
 from dpseg.privacy import Ledger
 from dpseg.report import build_report, format_report
-from dpseg.workspace import allow_dpseg
 from test_simulator import prepare_job, run_simulator
 
 
@@ -83,9 +81,7 @@ def test_a_site_killed_in_the_middle_of_a_round_is_missing_and_rejoins_the_next_
     job = prepare_job("fed_dp", tmp_path, rounds=3, server_args={"round_wait_seconds": 5,
                       "validation_timeout_seconds": 10}, batch_size=2, local_epochs=1.0)
     ws = tmp_path / "ws"
-    allow_dpseg(ws)
-    nvflare = Path(sys.executable).parent / "nvflare"
-    proc = subprocess.Popen([str(nvflare), "simulator", str(job), "-w", str(ws), "-n", "3", "-t", "3"],
+    proc = subprocess.Popen(simulator_command(job, ws, ["site-1", "site-2", "site-3"]),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env},
                             start_new_session=True)
     server_log = ws / "server" / "log.txt"

@@ -4,18 +4,17 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from conftest import run_cli
+from dpseg.jobs import simulator_command
 from dpseg.privacy import Ledger
 from dpseg.report import build_report
 from dpseg.resume import RESUME_MODEL
 from dpseg.server import RESUME_FILE
-from dpseg.workspace import allow_dpseg
 from test_failures import env_for
 from test_simulator import prepare_job, run_simulator
 
@@ -23,10 +22,8 @@ from test_simulator import prepare_job, run_simulator
 def run_until_round_done(job: Path, ws: Path, env: dict, completed_round: int, timeout: float = 600) -> dict:
     """Start the simulator, SIGKILL its whole process group once the server has persisted the
     global model after ``completed_round``; returns that resume point."""
-    allow_dpseg(ws)
-    nvflare = Path(sys.executable).parent / "nvflare"
     log = open(ws.parent / "stopped_run.log", "w")
-    proc = subprocess.Popen([str(nvflare), "simulator", str(job), "-w", str(ws), "-n", "2", "-t", "2"],
+    proc = subprocess.Popen(simulator_command(job, ws, ["site-1", "site-2"]),
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env}, start_new_session=True)
     point_file = ws / "server" / "simulate_job" / "app_server" / RESUME_FILE
     deadline = time.time() + timeout
