@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Two pytest workers: the whole runs spend much of their time starting processes and waiting on
+# NVFlare, so two at once fill the two cores; TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The README's main command: the default synthetic cohort (3 sites), checked, then the federated
 # DP job in the NVFlare simulator (3 sites, 3 processes), then the privacy / utility report.

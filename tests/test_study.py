@@ -54,3 +54,16 @@ def test_results_page_and_figures(tmp_path):
     assert "| no DP | 2 | 0.300 | 0.500 | 12.0 | 0.50 |" in md
     assert "![Privacy and utility](figures/quick_privacy_utility.png)" in md
     json.dumps(results)  # the results are plain JSON
+
+
+def test_a_finished_run_is_kept_an_unfinished_one_starts_again(tmp_path):
+    from dpseg.study import finished, keep
+
+    grid, run = GRIDS["quick"], tmp_path / "seed0" / "FL"
+    assert finished(run, grid) is None and run.is_dir()
+    (run / "half_done.log").write_text("killed")
+    assert finished(run, grid) is None and not (run / "half_done.log").exists()  # emptied: starts again
+    kept = keep(run, grid, {"arm": "FL", "mean_dice": 0.9})
+    assert kept["finished"].endswith("UTC") and finished(run, grid) == kept
+    with pytest.raises(ValueError, match="other study settings"):
+        finished(run, GRIDS["full"])

@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
@@ -66,13 +70,92 @@ def simulator_command(job: Path, workspace: Path, clients: list[str]) -> list[st
             "-t", str(len(clients))]
 
 
+# NVFlare 2.9's simulator hands each worker process its site name through one dict shared by its
+# worker threads (SimulatorClientRunner.do_one_task sets build_ctx["client_name"] just before sending
+# it). When two workers connect in the same instant, both can be built as the same site: the server
+# then evicts one connection with this message and waits forever for the site nobody plays.
+SIMULATOR_RACE = "for exceeding limit"
+# What a worker built as the wrong site prints (``check_simulator_worker``) before ending the run.
+WORKER_MIXUP = "simulator worker built as the wrong site"
+
+
+def check_simulator_worker(site: str, argv: list[str] | None = None) -> None:
+    """In an NVFlare simulator worker process (``argv``: ``simulator_worker ... --client NAME
+    --parent_pid PID``), check that NVFlare built it as the site it was started for. If not (the
+    race above), print ``WORKER_MIXUP`` with both names, SIGKILL the simulator (whose run could only
+    hang) and raise RuntimeError. Does nothing outside a simulator worker."""
+    argv = sys.argv if argv is None else argv
+    if not argv or "simulator_worker" not in argv[0] or "--client" not in argv:
+        return
+    started_for = argv[argv.index("--client") + 1]
+    if started_for == site:
+        return
+    message = (f"{WORKER_MIXUP}: the worker started for {started_for} was built as {site} (a race in "
+               f"NVFlare's simulator); the run cannot complete and is stopped; start it again")
+    print(message, flush=True)
+    if "--parent_pid" in argv:
+        os.kill(int(argv[argv.index("--parent_pid") + 1]), signal.SIGKILL)
+    raise RuntimeError(message)
+
+
+def run_watched(cmd: list[str], env: dict, timeout: float, log: Path | None = None,
+                abort_on: tuple[str, ...] = (SIMULATOR_RACE, WORKER_MIXUP), watch: Callable[[], bool] | None = None
+                ) -> tuple[subprocess.CompletedProcess, bool]:
+    """Run ``cmd`` in a session of its own with ``env`` added, its output (stdout and stderr) to
+    ``log`` or captured. ``watch`` is called about every 0.2 s; once it returns True the process is
+    killed (SIGKILL to its session) and its result returned. Returns (result, aborted): aborted is
+    True if a line containing ``abort_on`` appeared (the process is then killed too). Raises
+    ``subprocess.TimeoutExpired`` after ``timeout`` s (process killed)."""
+    out = open(log, "w") if log is not None else None
+    lines: list[str] = []
+    seen = threading.Event()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **env}, start_new_session=True)
+
+    def pump() -> None:
+        for line in proc.stdout:
+            out.write(line) if out else lines.append(line)
+            if any(text in line for text in abort_on):
+                seen.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and not seen.is_set() and not (watch and watch()):
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(cmd, timeout, output="".join(lines))
+            seen.wait(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        reader.join(timeout=10)
+        if out:
+            out.close()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout=None if log else "".join(lines)), seen.is_set()
+
+
 def run_simulator(job: Path, workspace: Path, env: dict, clients: list[str], timeout: float = 3600,
-                  log: Path | None = None) -> subprocess.CompletedProcess:
-    """``simulator_command`` run to the end with the given site environment. Output goes to
-    ``log`` if given, else is captured."""
+                  log: Path | None = None, attempts: int = 3, watch: Callable[[], bool] | None = None
+                  ) -> subprocess.CompletedProcess:
+    """``simulator_command`` run to the end (or until ``watch`` returns True, see ``run_watched``)
+    with the given site environment. Output goes to ``log`` if given, else is captured. If the
+    simulator starts two workers as one site (``SIMULATOR_RACE``, ``WORKER_MIXUP``), the run is killed and started
+    again in an emptied workspace, at most ``attempts`` times in all; whatever a killed attempt
+    spent stays in the sites' ledgers (it is seen at registration, before the first task)."""
     cmd = simulator_command(job, workspace, clients)
-    if log is None:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **env})
-    with open(log, "w") as out:
-        return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                              env={**os.environ, **env})
+    for attempt in range(1, attempts + 1):
+        result, raced = run_watched(cmd, env, timeout, log, watch=watch)
+        if not raced:
+            return result
+        kept = ""
+        if log is not None:
+            kept = f", its log kept as {log.rename(log.with_name(f'{log.name}.attempt{attempt}')).name}"
+        print(f"simulator: two workers started as one site (NVFlare simulator race), attempt {attempt} of "
+              f"{attempts} killed{kept}; starting again", file=sys.stderr, flush=True)
+        for item in Path(workspace).iterdir():
+            if item.name != "local":  # keep the workspace settings, drop the run
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+    raise RuntimeError(f"the NVFlare simulator started two workers as one site in {attempts} attempts "
+                       f"running {job}")

@@ -41,6 +41,7 @@ from dpseg.checks import check_datalist
 from dpseg.datalist import resolve
 from dpseg.dptrain import OPTIMIZERS, SAMPLINGS, LocalTrainer, PatientSlices
 from dpseg.evaluate import evaluate
+from dpseg.jobs import check_simulator_worker
 from dpseg.metrics import dice
 from dpseg.privacy import Accountant, Ledger, PrivacyError, calibrate, continue_accountant
 from dpseg.site import SiteConfigError, load_site_settings
@@ -171,6 +172,7 @@ class SiteLearner(Executor):
     # ----------------------------------------------------------------------------- set-up
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
+            check_simulator_worker(fl_ctx.get_identity_name())
             self.log_writer = fl_ctx.get_engine().get_component(self.log_writer_id)
         elif event_type == EventType.END_RUN and self.trainer is not None:
             self.trainer.close()

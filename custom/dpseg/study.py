@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -109,6 +110,35 @@ class Study:
         return env
 
 
+RESULT = "result.json"
+
+
+def finished(run: Path, grid: Grid) -> dict | None:
+    """The result kept in ``run/result.json`` by an earlier invocation with the same grid, or None
+    (then ``run`` is emptied: an unfinished run starts again from nothing). A result of another
+    grid is an error: the work folder belongs to that grid."""
+    path = run / RESULT
+    if path.exists():
+        kept = json.loads(path.read_text())
+        if kept.get("grid") != asdict(grid):
+            raise ValueError(f"{path} was written with other study settings ({kept.get('grid')}); use another "
+                             f"--work folder or remove {run}")
+        return kept["result"]
+    if run.exists():
+        shutil.rmtree(run)
+    run.mkdir(parents=True)
+    return None
+
+
+def keep(run: Path, grid: Grid, result: dict) -> dict:
+    """Write ``result`` with the grid and the time it finished to ``run/result.json``; returns it."""
+    result = {**result, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    tmp = run / (RESULT + ".tmp")
+    tmp.write_text(json.dumps({"grid": asdict(grid), "result": result}, indent=1) + "\n")
+    tmp.replace(run / RESULT)
+    return result
+
+
 def simulate_complete(study: Study, job: Path, run: Path, env: dict, clients: list[str]) -> tuple[Path, float]:
     """Run ``job`` in the simulator in ``run/ws``; returns (workspace, wall seconds). The NVFlare 2.9
     simulator now and then starts two client workers under the same site name, and one site's
@@ -138,7 +168,9 @@ def train_arm(study: Study, arm: Arm, seed: int) -> dict:
 
     g = study.grid
     run = study.work / f"seed{seed}" / arm.slug
-    run.mkdir(parents=True, exist_ok=True)
+    if (done := finished(run, g)) is not None:
+        return done
+    started = time.perf_counter()
     clients = {"local": [arm.site], "pooled": ["pooled"]}.get(arm.kind, study.sites)
     client = {"batch_size": g.batch_size, "local_epochs": g.local_epochs}
     if arm.kind == "fed_dp":
@@ -159,10 +191,11 @@ def train_arm(study: Study, arm: Arm, seed: int) -> dict:
             raise RuntimeError(f"{arm.name}, seed {seed}: no global model in {ws}")
     dice = score_model(model, study)
     eps = [s["privacy"]["epsilon"] for s in report["sites"].values() if (s.get("privacy") or {}).get("dp")]
-    return {"arm": arm.name, "kind": arm.kind, "epsilon": arm.epsilon, "seed": seed, "model": which, "wall_seconds": wall,
-            "train_seconds": sum(s.get("train_seconds") or 0 for s in report["sites"].values()),
-            "epsilon_spent": max(eps) if eps else None, "dice_per_site": dice,
-            "mean_dice": float(np.mean(list(dice.values())))}
+    return keep(run, g, {
+        "arm": arm.name, "kind": arm.kind, "epsilon": arm.epsilon, "seed": seed, "model": which, "wall_seconds": wall,
+        "train_seconds": sum(s.get("train_seconds") or 0 for s in report["sites"].values()),
+        "epsilon_spent": max(eps) if eps else None, "dice_per_site": dice,
+        "mean_dice": float(np.mean(list(dice.values()))), "elapsed_seconds": time.perf_counter() - started})
 
 
 def score_model(model_file: Path, study: Study) -> dict[str, float]:
@@ -189,7 +222,9 @@ def audit_level(study: Study, epsilon: float | None) -> dict:
     g = study.grid
     name = "no_DP" if epsilon is None else f"eps_{epsilon:g}"
     run = study.work / "audit" / name
-    run.mkdir(parents=True, exist_ok=True)
+    if (done := finished(run, g)) is not None:
+        return done
+    started = time.perf_counter()
     server = {"num_rounds": g.audit_rounds, "attack_iterations": g.attack_iterations,
               "attack_restarts": g.attack_restarts, "dp": epsilon is not None}
     client = {"dp": epsilon is not None, "sampling": "poisson" if epsilon is not None else "fixed"}
@@ -200,9 +235,9 @@ def audit_level(study: Study, epsilon: float | None) -> dict:
     ws, wall = simulate_complete(study, job, run, study.env(run / "ledger_{site}.json"), clients)
     audit = build_report(ws)["audit"] or {}
     folders = sorted(ws.glob("site-*/simulate_job/app_site-*/audit/round*"))
-    return {"level": "no DP" if epsilon is None else f"eps {epsilon:g}", "epsilon": epsilon,
-            "wall_seconds": wall, "summary": audit,
-            "examples": [str(f) for f in folders if (f / "reconstruction.npy").exists()]}
+    return keep(run, g, {"level": "no DP" if epsilon is None else f"eps {epsilon:g}", "epsilon": epsilon,
+                         "wall_seconds": wall, "summary": audit, "elapsed_seconds": time.perf_counter() - started,
+                         "examples": [str(f) for f in folders if (f / "reconstruction.npy").exists()]})
 
 
 def summarize(runs: list[dict]) -> list[dict]:
@@ -240,13 +275,18 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True) ->
     estimate = len(plan) * g.minutes_per_run + len(levels) * g.minutes_per_audit
     study.progress(f"study '{g.name}': {len(plan)} training runs and {len(levels)} audits; estimated "
                    f"{estimate:.0f} min on a 2-core CPU (work folder {study.work})")
-    started, runs = time.perf_counter(), []
+    runs, new_minutes, new_runs = [], 0.0, 0
     for n, (arm, seed) in enumerate(plan, 1):
         study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed} ...")
+        started = time.perf_counter()
         runs.append(train_arm(study, arm, seed))
         r = runs[-1]
-        per_run = (time.perf_counter() - started) / n / 60
-        left = (len(plan) - n) * per_run + len(levels) * g.minutes_per_audit
+        if time.perf_counter() - started < 1:
+            study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed}: finished earlier ({r['finished']}), "
+                           f"mean test Dice {r['mean_dice']:.3f}; kept")
+            continue
+        new_minutes, new_runs = new_minutes + (time.perf_counter() - started) / 60, new_runs + 1
+        left = (len(plan) - n) * new_minutes / new_runs + len(levels) * g.minutes_per_audit
         study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed}: mean test Dice {r['mean_dice']:.3f} in "
                        f"{r['wall_seconds']:.0f} s; about {left:.0f} min left")
     audits = []
@@ -257,8 +297,10 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True) ->
         study.progress(f"audit {audits[-1]['level']}: SSIM {m.get('ssim', float('nan')):.3f} "
                        f"(baseline {m.get('baseline_ssim', float('nan')):.3f}), identified "
                        f"{m.get('identified', float('nan')):.2f}, {audits[-1]['wall_seconds']:.0f} s")
-    results = {"grid": asdict(g), "cohort": study.cohort_note, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-               "sites": study.sites, "total_minutes": (time.perf_counter() - started) / 60,
+    done = sorted(r["finished"] for r in runs + audits)
+    results = {"grid": asdict(g), "cohort": study.cohort_note, "date": done[0] if done[0] == done[-1] else f"{done[0]} to {done[-1]}",
+               "machine": machine(), "sites": study.sites,
+               "total_minutes": sum(r.get("elapsed_seconds", r["wall_seconds"]) for r in runs + audits) / 60,
                "runs": runs, "summary": summarize(runs), "audits": audits}
     write_results(study, results)
     return results

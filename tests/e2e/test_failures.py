@@ -5,10 +5,9 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 from conftest import datalist_items
-from dpseg.jobs import simulator_command
+from dpseg.jobs import run_simulator as simulate
 from dpseg.privacy import Ledger
 from dpseg.report import build_report, format_report
 from test_simulator import prepare_job, run_simulator
@@ -78,27 +77,26 @@ def simulator_worker(site: str) -> int:
 def test_a_site_killed_in_the_middle_of_a_round_is_missing_and_rejoins_the_next_job(cohort, tmp_path):
     root, _ = three_site_root(cohort, tmp_path, damage=False)
     env = env_for(root, tmp_path)
-    job = prepare_job("fed_dp", tmp_path, rounds=3, server_args={"round_wait_seconds": 5,
+    job = prepare_job("fed_dp", tmp_path, rounds=2, server_args={"round_wait_seconds": 5,
                       "validation_timeout_seconds": 10}, batch_size=2, local_epochs=1.0)
     ws = tmp_path / "ws"
-    proc = subprocess.Popen(simulator_command(job, ws, ["site-1", "site-2", "site-3"]),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **env},
-                            start_new_session=True)
     server_log = ws / "server" / "log.txt"
-    try:
-        deadline = time.time() + 600
-        # kill site-3 once it holds its round-1 task (it has sent round 0), i.e. in the middle of round 1
-        while not (server_log.exists() and server_log.read_text().count("assigned task to client site-3: name=train") >= 2):
-            assert proc.poll() is None and time.time() < deadline, "site-3 never got its round-1 task"
-            time.sleep(0.1)
-        os.kill(simulator_worker("site-3"), signal.SIGKILL)
-        assert proc.wait(timeout=600) == 0
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    killed = []
+
+    def kill_site_3_in_round_1() -> bool:
+        """SIGKILL site-3's worker once it holds its round-1 task (it has sent round 0)."""
+        if not killed and server_log.exists() and \
+                server_log.read_text().count("assigned task to client site-3: name=train") >= 2:
+            os.kill(simulator_worker("site-3"), signal.SIGKILL)
+            killed.append(True)
+        return False
+
+    result = simulate(job, ws, env, ["site-1", "site-2", "site-3"], timeout=600, watch=kill_site_3_in_round_1)
+    assert killed, "site-3 never got its round-1 task"
+    assert result.returncode == 0, result.stdout[-3000:]
     report = build_report(ws)
-    assert {s: e["rounds"] for s, e in report["sites"].items()} == {"site-1": 3, "site-2": 3, "site-3": 1}
-    assert [(m["round"], m["sites"]) for m in report["missing_contributions"]] == [(1, ["site-3"]), (2, ["site-3"])]
+    assert {s: e["rounds"] for s, e in report["sites"].items()} == {"site-1": 2, "site-2": 2, "site-3": 1}
+    assert [(m["round"], m["sites"]) for m in report["missing_contributions"]] == [(1, ["site-3"])]
     assert report["best_model_bundle"] is not None  # the job finished with the two others
     killed = Ledger.open(tmp_path / "ledgers" / "site-3.json", 20.0)
     assert len(killed.jobs) == 1 and next(iter(killed.jobs.values()))["steps"] >= 2  # what it spent is kept

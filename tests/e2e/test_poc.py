@@ -67,17 +67,16 @@ def kill_job_process_in_round(poc: Poc, site: str, round_: int, timeout: float =
 
 def test_poc_site_killed_mid_round_fails_the_job_which_resumes_with_the_site_back(tmp_path):
     data = tmp_path / "data"
-    write_cohort(data, n_sites=3, patients=[6, 6, 6], seed=7)
+    write_cohort(data, n_sites=2, patients=[6, 6], seed=7)
     poc = Poc(tmp_path, data)
-    job = prepare_job("fed_dp", tmp_path / "jobs", rounds=3, server_args={"round_wait_seconds": 5},
-                      batch_size=2, local_epochs=1.0)
-    poc.run("bash", REPO / "poc" / "prepare.sh", "3")
+    job = prepare_job("fed_dp", tmp_path / "jobs", rounds=2, batch_size=2, local_epochs=1.0)
+    poc.run("bash", REPO / "poc" / "prepare.sh", "2")
     settings = json.loads((poc.kit("site-1") / "local" / "dpseg_site.json").read_text())
     assert settings["data_root"] == str(data) and settings["total_epsilon"] == 20
     submit = [sys.executable, REPO / "poc" / "submit.py"]
     try:
         poc.run("bash", REPO / "poc" / "start.sh")
-        killer = threading.Thread(target=kill_job_process_in_round, args=(poc, "site-3", 1))
+        killer = threading.Thread(target=kill_job_process_in_round, args=(poc, "site-2", 1))
         killer.start()
         stopped = subprocess.run([str(c) for c in submit + [job, "--out", tmp_path / "stopped", "--timeout", "600"]],
                                  cwd=REPO, env=poc.env, capture_output=True, text=True, timeout=700)
@@ -87,19 +86,19 @@ def test_poc_site_killed_mid_round_fails_the_job_which_resumes_with_the_site_bac
         result = next((tmp_path / "stopped").iterdir())
         resumed = tmp_path / "resumed"
         out = run_cli("resume-job", str(result), "--job", str(job), "--out", str(resumed))
-        assert out.returncode == 0 and "rounds 1..2 (2 left)" in out.stdout, out.stdout + out.stderr
+        assert out.returncode == 0 and "rounds 1..1 (1 left)" in out.stdout, out.stdout + out.stderr
         again = poc.run(*submit, resumed, "--out", tmp_path / "again", "--timeout", "600", timeout=700)
         assert "FINISHED:COMPLETED" in again and "mean test Dice of the best global model" in again
     finally:
         poc.stop()
     report = json.loads(next((tmp_path / "again").glob("*/dpseg_report.json")).read_text())
-    assert report["rounds"] == 2 and not report["missing_contributions"]  # site-3 is back in both rounds
+    assert report["rounds"] == 1 and not report["missing_contributions"]  # site-2 is back
     new_job = next((tmp_path / "again").iterdir()).name
-    for site in ("site-1", "site-2", "site-3"):
+    for site in ("site-1", "site-2"):
         ledger = Ledger.open(tmp_path / "ledgers" / f"{site}.json", 20.0)
         (entry, record), = ledger.jobs.items()  # one entry: the resumed job continued the stopped one
         assert entry == result.name and record["continued_by"] == [new_job]
         p = report["sites"][site]["privacy"]
         assert p["ledger_entry"] == entry and p["dp"] is True and p["unit"] == "patient" and 0 < p["epsilon"] <= 8.0
-        assert record["steps"] >= 2 + 4 and record["spent_epsilon"] <= 8.0
+        assert record["steps"] >= 2 + 2 and record["spent_epsilon"] <= 8.0
     assert not leftover_pids(str(poc.folder))

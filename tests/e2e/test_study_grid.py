@@ -1,17 +1,33 @@
-"""`dpseg.study` on a tiny grid: one FL+DP training run and the audit with and without DP, in the
-real simulator; the results page and figures are written."""
+"""`dpseg.study` on a tiny grid, in the real simulator: one FL+DP training run and the audit job
+(`jobs/fed_dp_audit`) with and without DP. The study's results page and figures, and the audit
+job itself (interception, audit tasks at the sites, only metrics reach the server, report)."""
 
 import json
 
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from dpseg.report import build_report
 from dpseg.study import Grid, Study, run_study
 
+pytestmark = pytest.mark.xdist_group("tiny_study")  # one worker runs the tiny study, once
+GRID = Grid("tiny", [6, 6], rounds=1, local_epochs=1.0, batch_size=2, epsilons=[8.0], seeds=[0],
+            audit_rounds=1, attack_iterations=10, attack_restarts=1, minutes_per_run=1, minutes_per_audit=1)
+REPORT_KEYS = {"ssim", "psnr", "mse", "identified", "patient_identified", "baseline_ssim", "chance", "seconds"}
 
-def test_tiny_study_trains_scores_audits_and_writes_the_results(cohort, tmp_path):
-    grid = Grid("tiny", [6, 6], rounds=1, local_epochs=1.0, batch_size=2, epsilons=[8.0], seeds=[0],
-                audit_rounds=1, attack_iterations=10, attack_restarts=1, minutes_per_run=1, minutes_per_audit=1)
+
+@pytest.fixture(scope="session")
+def tiny_study(cohort, tmp_path_factory):
+    """The tiny grid run once: (study, results, progress messages)."""
+    root = tmp_path_factory.mktemp("tiny_study")
     messages = []
-    study = Study(grid, cohort, tmp_path / "work", tmp_path / "out", progress=messages.append)
-    results = run_study(study, only={"fed_dp"})
+    study = Study(GRID, cohort, root / "work", root / "out", progress=messages.append)
+    return study, run_study(study, only={"fed_dp"}), messages
+
+
+def test_tiny_study_trains_scores_audits_and_writes_the_results(tiny_study, cohort):
+    study, results, messages = tiny_study
     assert messages[0].startswith("study 'tiny': 1 training runs and 2 audits; estimated 3 min")
     assert any(m.startswith("[1/1] FL+DP eps 8, seed 0: mean test Dice") for m in messages)
     (run,) = results["runs"]
@@ -20,8 +36,49 @@ def test_tiny_study_trains_scores_audits_and_writes_the_results(cohort, tmp_path
     assert [a["level"] for a in results["audits"]] == ["no DP", "eps 8"]
     no_dp = results["audits"][0]
     assert no_dp["summary"]["scored"] == 2 and no_dp["examples"]  # one update per site, reconstructions kept
-    md = (tmp_path / "out" / "results_tiny.md").read_text()
+    md = (study.out / "results_tiny.md").read_text()
     assert "| FL+DP eps 8 |" in md and "| no DP | 2 |" in md and "| eps 8 |" in md
-    assert (tmp_path / "out" / "figures" / "tiny_privacy_utility.png").exists()
-    assert (tmp_path / "out" / "figures" / "tiny_reconstructions.png").exists()
-    assert json.loads((tmp_path / "out" / "study_tiny.json").read_text())["summary"][0]["arm"] == "FL+DP eps 8"
+    assert (study.out / "figures" / "tiny_privacy_utility.png").exists()
+    assert (study.out / "figures" / "tiny_reconstructions.png").exists()
+    assert json.loads((study.out / "study_tiny.json").read_text())["summary"][0]["arm"] == "FL+DP eps 8"
+
+    # run again on the same work folder: every run and audit is kept, nothing trains again
+    again = []
+    second = run_study(Study(GRID, cohort, study.work, study.out.parent / "out2", progress=again.append),
+                       only={"fed_dp"})
+    assert any(m.startswith("[1/1] FL+DP eps 8, seed 0: finished earlier") for m in again)
+    assert second["runs"] == results["runs"] and second["audits"] == results["audits"]
+
+
+@pytest.mark.parametrize("level", ["no_DP", "eps_8"])
+def test_audit_job_scores_at_the_sites_and_only_metrics_reach_the_server(tiny_study, level):
+    study, _, _ = tiny_study
+    dp = level != "no_DP"
+    ws = max((study.work / "audit" / level).glob("ws*"))  # ws, or ws_rerun if the study ran it again
+    audit = build_report(ws)["audit"]
+    assert audit["attack"] == {"iterations": 10, "restarts": 1, "label": "known", "simulate": "single"}
+    rows = audit["updates"]
+    assert sorted((r["site"], r["round"]) for r in rows) == [("site-1", 0), ("site-2", 0)]
+    assert audit["failed"] == 0
+    for row in rows:  # only scalars came back: no image, no reconstruction
+        assert all(isinstance(v, (bool, int, float, str)) for v in row.values()), row
+        assert row["dp"] is dp
+        if row["patients_in_update"] == 0:
+            assert dp  # an empty Poisson sample; without DP the audit job samples exactly one patient
+            continue
+        assert REPORT_KEYS <= set(row)
+        assert 0 <= row["identified"] <= 1 and row["chance"] == pytest.approx(1 / row["cohort_slices"])
+        if dp:
+            assert 0 < row["epsilon"] <= 8.0 and 0 <= row["bound_gdp"] <= 1 and 0 <= row["bound_eps_delta"] <= 1
+    # reconstructions and figures stay at the sites; the server's run folder holds none
+    server = ws / "server"
+    assert not list(server.rglob("*.npy")) and not list(server.rglob("*.png"))
+    scored = [r for r in rows if r["patients_in_update"]]
+    for row in scored:
+        folder = next(ws.glob(f"{row['site']}/simulate_job/app_{row['site']}/audit/round{row['round']}"))
+        assert (folder / "comparison.png").stat().st_size > 0
+        assert np.load(folder / "reconstruction.npy").shape[-2:] == (128, 128)
+    text = run_cli("report", str(ws))
+    assert text.returncode == 0 and "audit" in text.stdout and "SSIM" in text.stdout
+    saved = json.loads((ws / "dpseg_report.json").read_text())
+    assert saved["audit"]["scored"] == len(scored)
