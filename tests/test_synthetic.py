@@ -1,4 +1,5 @@
 import hashlib
+import json
 
 import nibabel as nib
 import numpy as np
@@ -100,3 +101,17 @@ def test_profiles_reject_bad_requests():
     with pytest.raises(ValueError, match="at least 3 patients"):
         site_profiles(1, [2])
     assert len({p.name for p in site_profiles(5)}) == 5
+
+
+def test_synth_command_writes_the_sites_and_the_pooled_datalist(tmp_path):
+    from conftest import run_cli
+
+    bad = run_cli("synth", "--out", str(tmp_path / "bad"), "--sites", "2", "--patients", "2,3")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: every site needs at least 3 patients")
+    out = run_cli("synth", "--out", str(tmp_path / "data"), "--sites", "2", "--patients", "3,4", "--seed", "1")
+    assert out.returncode == 0, out.stderr
+    pooled = json.loads((tmp_path / "data" / "datalist.json").read_text())
+    sites = [json.loads((tmp_path / "data" / f"site-{k}" / "datalist.json").read_text()) for k in (1, 2)]
+    count = lambda d: sum(len(d.get(split, [])) for split in ("training", "validation", "test"))  # noqa: E731
+    assert [count(d) for d in sites] == [3, 4] and count(pooled) == 7
+    assert "(all sites pooled)" in out.stdout

@@ -16,7 +16,9 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def cmd_synth(args: argparse.Namespace) -> int:
+def write_synthetic(out: Path, sites: int, patients, seed: int) -> None:
+    """``dpseg synth``'s work, with progress: the synthetic cohort in ``out`` (site-k/datalist.json)
+    and the pooled ``out/datalist.json``. ``patients``: per site (a list) or for every site."""
     from dpseg.datalist import write_pooled
     from dpseg.synthetic import write_cohort
 
@@ -26,11 +28,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
         if done == total or done % 20 == 0:
             print(f"  {site}: {done}/{total} patients ({time.perf_counter() - start:.1f} s)", flush=True)
 
-    datalists = write_cohort(Path(args.out), args.sites, args.patients, args.seed, progress)
-    write_pooled(datalists, Path(args.out) / "datalist.json", description="synthetic CT, all sites pooled")
+    datalists = write_cohort(out, sites, patients, seed, progress)
+    write_pooled(datalists, out / "datalist.json", description="synthetic CT, all sites pooled")
     for d in datalists:
         print(f"wrote {d}")
-    print(f"wrote {Path(args.out) / 'datalist.json'} (all sites pooled) in {time.perf_counter() - start:.1f} s")
+    print(f"wrote {out / 'datalist.json'} (all sites pooled) in {time.perf_counter() - start:.1f} s")
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    try:
+        write_synthetic(Path(args.out), args.sites, args.patients, args.seed)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -136,7 +146,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     cohort = Path(args.data) if args.data else work / "cohort"
     if not args.data and not (cohort / "datalist.json").exists():
         print(f"writing the synthetic cohort ({', '.join(map(str, grid.patients))} patients) to {cohort}", flush=True)
-        cmd_synth(argparse.Namespace(out=str(cohort), sites=len(grid.patients), patients=grid.patients, seed=0))
+        write_synthetic(cohort, len(grid.patients), grid.patients, seed=0)
     if not (cohort / "datalist.json").exists():
         print(f"error: {cohort / 'datalist.json'} (all sites pooled) is missing; the pooled arm needs it", file=sys.stderr)
         return 2
