@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -65,5 +66,13 @@ def test_a_finished_run_is_kept_an_unfinished_one_starts_again(tmp_path):
     assert finished(run, grid) is None and not (run / "half_done.log").exists()  # emptied: starts again
     kept = keep(run, grid, {"arm": "FL", "mean_dice": 0.9})
     assert kept["finished"].endswith("UTC") and finished(run, grid) == kept
+    assert finished(run, replace(grid, minutes_per_run={"fed": 99.0})) == kept  # estimates are not settings
     with pytest.raises(ValueError, match="other study settings"):
         finished(run, GRIDS["full"])
+
+
+def test_the_estimate_is_per_arm_kind_where_measured():
+    full = GRIDS["full"]
+    assert full.run_minutes("pooled") > full.run_minutes("local")
+    assert replace(full, minutes_per_run=2).run_minutes("fed_dp") == 2.0
+    assert replace(full, minutes_per_run={"fed": 3.0}).run_minutes("local") == 3.0  # unknown kind: the largest

@@ -47,8 +47,19 @@ class Grid:
     audit_rounds: int
     attack_iterations: int
     attack_restarts: int
-    minutes_per_run: float  # planning estimate (measured on the 2-core CPU machine), updated as runs finish
+    # planning estimates (measured on the 2-core CPU machine): minutes per training run, for every
+    # arm kind or per kind (local / pooled / fed / fed_dp), and per audit; not part of the settings
+    minutes_per_run: float | dict[str, float]
     minutes_per_audit: float
+
+    def settings(self) -> dict:
+        """What the results depend on: every field but the planning estimates."""
+        return {k: v for k, v in asdict(self).items() if k not in ("minutes_per_run", "minutes_per_audit")}
+
+    def run_minutes(self, kind: str) -> float:
+        """Planned minutes of one training run of ``kind``."""
+        m = self.minutes_per_run
+        return float(m.get(kind, max(m.values())) if isinstance(m, dict) else m)
 
 
 GRIDS = {
@@ -57,7 +68,7 @@ GRIDS = {
                   minutes_per_run=1.0, minutes_per_audit=1.2),
     "full": Grid("full", [60, 90, 120], rounds=20, local_epochs=6.0, batch_size=16, epsilons=[8.0, 3.0, 1.0],
                  seeds=[0, 1, 2], audit_rounds=2, attack_iterations=2000, attack_restarts=1,
-                 minutes_per_run=5.0, minutes_per_audit=8.0),
+                 minutes_per_run={"local": 4.5, "pooled": 12.0, "fed": 9.0, "fed_dp": 9.5}, minutes_per_audit=8.0),
 }
 
 
@@ -120,7 +131,7 @@ def finished(run: Path, grid: Grid) -> dict | None:
     path = run / RESULT
     if path.exists():
         kept = json.loads(path.read_text())
-        if kept.get("grid") != asdict(grid):
+        if {k: v for k, v in kept.get("grid", {}).items() if k in grid.settings()} != grid.settings():
             raise ValueError(f"{path} was written with other study settings ({kept.get('grid')}); use another "
                              f"--work folder or remove {run}")
         return kept["result"]
@@ -272,10 +283,11 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True) ->
     arms = [a for a in study.arms() if not only or a.kind in only]
     plan = [(arm, seed) for seed in g.seeds for arm in arms]
     levels = [None] + list(g.epsilons) if audit else []
-    estimate = len(plan) * g.minutes_per_run + len(levels) * g.minutes_per_audit
+    planned = [g.run_minutes(arm.kind) for arm, _ in plan]
+    estimate = sum(planned) + len(levels) * g.minutes_per_audit
     study.progress(f"study '{g.name}': {len(plan)} training runs and {len(levels)} audits; estimated "
                    f"{estimate:.0f} min on a 2-core CPU (work folder {study.work})")
-    runs, new_minutes, new_runs = [], 0.0, 0
+    runs, new_minutes, new_planned = [], 0.0, 0.0
     for n, (arm, seed) in enumerate(plan, 1):
         study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed} ...")
         started = time.perf_counter()
@@ -285,8 +297,8 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True) ->
             study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed}: finished earlier ({r['finished']}), "
                            f"mean test Dice {r['mean_dice']:.3f}; kept")
             continue
-        new_minutes, new_runs = new_minutes + (time.perf_counter() - started) / 60, new_runs + 1
-        left = (len(plan) - n) * new_minutes / new_runs + len(levels) * g.minutes_per_audit
+        new_minutes, new_planned = new_minutes + (time.perf_counter() - started) / 60, new_planned + planned[n - 1]
+        left = sum(planned[n:]) * new_minutes / new_planned + len(levels) * g.minutes_per_audit
         study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed}: mean test Dice {r['mean_dice']:.3f} in "
                        f"{r['wall_seconds']:.0f} s; about {left:.0f} min left")
     audits = []
