@@ -3,12 +3,14 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import run_cli
 from dpseg.auditor import Cohort, score
 from dpseg.datalist import resolve
 from dpseg.dptrain import LocalTrainer, PatientSlices
+from dpseg.metrics import ssim
 
 
 def test_cohort_locates_the_trained_slice_and_identification_scores(bundle, cohort):
@@ -45,6 +47,11 @@ def test_audit_cli_on_a_saved_update(bundle, cohort, tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["iterations"] == 4 and metrics["patients_in_update"] == 1 and metrics["dp"] is False
     assert -1 <= metrics["ssim"] <= 1 and metrics["chance"] == 1 / metrics["cohort_slices"]
+    baselines = {k: v for k, v in metrics.items() if k.startswith("baseline_ssim_")}
+    assert set(baselines) == {"baseline_ssim_random", "baseline_ssim_blank", "baseline_ssim_mean_image"}
+    assert metrics["baseline_ssim"] == max(baselines.values())
+    truth = np.load(out / "truth.npy")
+    assert metrics["baseline_ssim_blank"] == pytest.approx(ssim(np.zeros_like(truth[0]), truth[0]))
     assert (out / "comparison.png").stat().st_size > 0 and np.load(out / "reconstruction.npy").shape == (1, 128, 128)
     missing = run_cli("audit", "--update", str(tmp_path / "update.pt"), "--data", str(tmp_path / "batches.pt"))
     assert missing.returncode == 2 and "--model" in missing.stderr

@@ -117,7 +117,8 @@ def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dic
     ``patients``: their indices in the cohort's items, for identification).
 
     Returns scalar metrics only: the reconstruction's scores, the uninformed baselines (the attack's
-    random start and the cohort's mean slice), identification against the cohort with its chance
+    random start, a blank slice and the cohort's mean slice; ``baseline_ssim`` is the best of them),
+    identification against the cohort with its chance
     level, and for a DP update the theoretical bound on identification success. With ``out_dir`` the
     reconstruction, the truth and a side-by-side PNG are written there (the site's own folder).
     """
@@ -132,6 +133,9 @@ def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dic
                "iterations": rec.iterations, "restarts": settings.restarts, "seconds": rec.seconds,
                "matching_loss": rec.matching_loss, **score(recon, truths, cohort, true_indices)}
     metrics["baseline_ssim_random"] = score(rec.initial[:, 0].numpy(), truths)["ssim"]
+    # a blank slice (air, the window's lower bound, everywhere): most of a CT slice is air at exactly
+    # that value, so SSIM rewards it; a reconstruction has to beat it to show anything
+    metrics["baseline_ssim_blank"] = score(np.zeros_like(truths), truths)["ssim"]
     if cohort is not None:
         metrics["baseline_ssim_mean_image"] = score(cohort.mean_image[None], truths)["ssim"]
         metrics["cohort_slices"] = len(cohort)
