@@ -72,8 +72,9 @@ def simulator_command(job: Path, workspace: Path, clients: list[str]) -> list[st
 
 # NVFlare 2.9's simulator hands each worker process its site name through one dict shared by its
 # worker threads (SimulatorClientRunner.do_one_task sets build_ctx["client_name"] just before sending
-# it). When two workers connect in the same instant, both can be built as the same site: the server
-# then evicts one connection with this message and waits forever for the site nobody plays.
+# it). When two threads hand a worker its site at about the same time, both workers can be built as
+# the same site: the server then evicts one connection after the other with this message and waits
+# forever for the site nobody plays.
 SIMULATOR_RACE = "for exceeding limit"
 # What a worker built as the wrong site prints (``check_simulator_worker``) before ending the run.
 WORKER_MIXUP = "simulator worker built as the wrong site"
@@ -104,7 +105,7 @@ def run_watched(cmd: list[str], env: dict, timeout: float, log: Path | None = No
     """Run ``cmd`` in a session of its own with ``env`` added, its output (stdout and stderr) to
     ``log`` or captured. ``watch`` is called about every 0.2 s; once it returns True the process is
     killed (SIGKILL to its session) and its result returned. Returns (result, aborted): aborted is
-    True if a line containing ``abort_on`` appeared (the process is then killed too). Raises
+    True if a line containing one of ``abort_on`` appeared (the process is then killed too). Raises
     ``subprocess.TimeoutExpired`` after ``timeout`` s (process killed)."""
     out = open(log, "w") if log is not None else None
     lines: list[str] = []
@@ -141,9 +142,9 @@ def run_simulator(job: Path, workspace: Path, env: dict, clients: list[str], tim
                   ) -> subprocess.CompletedProcess:
     """``simulator_command`` run to the end (or until ``watch`` returns True, see ``run_watched``)
     with the given site environment. Output goes to ``log`` if given, else is captured. If the
-    simulator starts two workers as one site (``SIMULATOR_RACE``, ``WORKER_MIXUP``), the run is killed and started
-    again in an emptied workspace, at most ``attempts`` times in all; whatever a killed attempt
-    spent stays in the sites' ledgers (it is seen at registration, before the first task)."""
+    simulator builds two workers as one site (``SIMULATOR_RACE``, ``WORKER_MIXUP``), the run is
+    killed and started again in an emptied workspace, at most ``attempts`` times in all; what a
+    killed attempt spent stays in the sites' ledgers (each attempt is a ledger entry of its own)."""
     cmd = simulator_command(job, workspace, clients)
     for attempt in range(1, attempts + 1):
         result, raced = run_watched(cmd, env, timeout, log, watch=watch)
