@@ -228,13 +228,20 @@ def score_model(model_file: Path, study: Study) -> dict[str, float]:
 def audit_level(study: Study, epsilon: float | None) -> dict:
     """The canonical audit (batch 1, one SGD step per round) with DP off (None) or at ``epsilon``,
     on the first two sites; returns the report's audit summary and where the reconstructions are."""
-    from dpseg.report import build_report
-
     g = study.grid
     name = "no_DP" if epsilon is None else f"eps_{epsilon:g}"
     run = study.work / "audit" / name
-    if (done := finished(run, g)) is not None:
-        return done
+    if (done := finished(run, g)) is None:
+        done = run_audit(study, epsilon, run)
+    # example folders are kept relative to the run folder, so a moved work folder still has them
+    return {**done, "examples": [str(run / e) for e in done["examples"]]}
+
+
+def run_audit(study: Study, epsilon: float | None, run: Path) -> dict:
+    """``audit_level``'s audit job in ``run`` (an empty folder); returns the result it keeps."""
+    from dpseg.report import build_report
+
+    g = study.grid
     started = time.perf_counter()
     server = {"num_rounds": g.audit_rounds, "attack_iterations": g.attack_iterations,
               "attack_restarts": g.attack_restarts, "dp": epsilon is not None}
@@ -248,7 +255,7 @@ def audit_level(study: Study, epsilon: float | None) -> dict:
     folders = sorted(ws.glob("site-*/simulate_job/app_site-*/audit/round*"))
     return keep(run, g, {"level": "no DP" if epsilon is None else f"eps {epsilon:g}", "epsilon": epsilon,
                          "wall_seconds": wall, "summary": audit, "elapsed_seconds": time.perf_counter() - started,
-                         "examples": [str(f) for f in folders if (f / "reconstruction.npy").exists()]})
+                         "examples": [str(f.relative_to(run)) for f in folders if (f / "reconstruction.npy").exists()]})
 
 
 def summarize(runs: list[dict]) -> list[dict]:

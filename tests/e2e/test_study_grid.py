@@ -3,6 +3,8 @@
 job itself (interception, audit tasks at the sites, only metrics reach the server, report)."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,6 +50,12 @@ def test_tiny_study_trains_scores_audits_and_writes_the_results(tiny_study, coho
                        only={"fed_dp"})
     assert any(m.startswith("[1/1] FL+DP eps 8, seed 0: finished earlier") for m in again)
     assert second["runs"] == results["runs"] and second["audits"] == results["audits"]
+    # and on a copy of it elsewhere: the kept audits find their reconstructions in the copy
+    moved = study.out.parent / "moved_work"
+    shutil.copytree(study.work, moved)
+    third = run_study(Study(GRID, cohort, moved, study.out.parent / "out3", progress=again.append), only={"fed_dp"})
+    examples = [Path(e) for a in third["audits"] for e in a["examples"]]
+    assert examples and all(e.is_relative_to(moved) and (e / "reconstruction.npy").exists() for e in examples)
 
 
 @pytest.mark.parametrize("level", ["no_DP", "eps_8"])
