@@ -130,8 +130,8 @@ def finished(run: Path, grid: Grid) -> dict | None:
     grid is an error: the work folder belongs to that grid."""
     path = run / RESULT
     if path.exists():
-        kept = json.loads(path.read_text())
-        if {k: v for k, v in kept.get("grid", {}).items() if k in grid.settings()} != grid.settings():
+        kept, settings = json.loads(path.read_text()), grid.settings()
+        if {k: v for k, v in kept.get("grid", {}).items() if k in settings} != settings:
             raise ValueError(f"{path} was written with other study settings ({kept.get('grid')}); use another "
                              f"--work folder or remove {run}")
         return kept["result"]
@@ -151,10 +151,10 @@ def keep(run: Path, grid: Grid, result: dict) -> dict:
 
 
 def simulate_complete(study: Study, job: Path, run: Path, env: dict, clients: list[str]) -> tuple[Path, float]:
-    """Run ``job`` in the simulator in ``run/ws``; returns (workspace, wall seconds). The NVFlare 2.9
-    simulator now and then starts two client workers under the same site name, and one site's
-    contributions go missing (seen in the audit job); a run with a round that lacks a client's
-    contribution is run once more in a fresh workspace, and the second run's result is kept."""
+    """Run ``job`` in the simulator in ``run/ws``; returns (workspace, wall seconds). A run with a
+    round that lacks a client's contribution (a site that timed out or died; ``run_simulator``
+    already starts again a run whose workers the simulator mixed up) is run once more in a fresh
+    workspace, and the second run's result is kept."""
     from dpseg.server import ROUNDS_FILE
 
     for attempt in (1, 2):
@@ -173,12 +173,17 @@ def simulate_complete(study: Study, job: Path, run: Path, env: dict, clients: li
     return ws, wall
 
 
+def arm_folder(study: Study, arm: Arm, seed: int) -> Path:
+    """The work folder of one training run (job, workspace, log, kept result)."""
+    return study.work / f"seed{seed}" / arm.slug
+
+
 def train_arm(study: Study, arm: Arm, seed: int) -> dict:
     """Train one arm in the simulator and score its best global model on every site's test split."""
     from dpseg.report import build_report
 
     g = study.grid
-    run = study.work / f"seed{seed}" / arm.slug
+    run = arm_folder(study, arm, seed)
     if (done := finished(run, g)) is not None:
         return done
     started = time.perf_counter()
@@ -297,10 +302,11 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True) ->
     runs, new_minutes, new_planned = [], 0.0, 0.0
     for n, (arm, seed) in enumerate(plan, 1):
         study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed} ...")
+        kept = (arm_folder(study, arm, seed) / RESULT).exists()
         started = time.perf_counter()
         runs.append(train_arm(study, arm, seed))
         r = runs[-1]
-        if time.perf_counter() - started < 1:
+        if kept:
             study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed}: finished earlier ({r['finished']}), "
                            f"mean test Dice {r['mean_dice']:.3f}; kept")
             continue
