@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import subprocess
+from pathlib import Path
 
 from conftest import datalist_items
 from dpseg.jobs import run_simulator as simulate
@@ -66,10 +67,12 @@ def test_updates_above_the_jobs_epsilon_are_rejected_and_never_aggregated(cohort
     assert all(e["rounds"] == 0 for e in report["sites"].values())
 
 
-def simulator_worker(site: str) -> int:
-    """PID of the simulator's worker process that runs ``site``."""
+def simulator_worker(ws: Path, site: str) -> int:
+    """PID of the worker process that runs ``site`` in the simulator workspace ``ws`` (other
+    simulator runs on the machine have their own workspaces)."""
     listing = subprocess.run(["pgrep", "-af", f"simulator_worker.*--client {site} "], capture_output=True, text=True)
-    pids = [int(line.split()[0]) for line in listing.stdout.splitlines() if "simulator_worker" in line]
+    pids = [int(line.split()[0]) for line in listing.stdout.splitlines()
+            if "simulator_worker" in line and f" -o {ws}/{site} " in line]
     assert len(pids) == 1, listing.stdout
     return pids[0]
 
@@ -87,7 +90,7 @@ def test_a_site_killed_in_the_middle_of_a_round_is_missing_and_rejoins_the_next_
         """SIGKILL site-3's worker once it holds its round-1 task (it has sent round 0)."""
         if not killed and server_log.exists() and \
                 server_log.read_text().count("assigned task to client site-3: name=train") >= 2:
-            os.kill(simulator_worker("site-3"), signal.SIGKILL)
+            os.kill(simulator_worker(ws, "site-3"), signal.SIGKILL)
             killed.append(True)
         return False
 

@@ -57,7 +57,9 @@ def kill_job_process_in_round(poc: Poc, site: str, round_: int, timeout: float =
         logs = "".join(p.read_text() for p in poc.folder.glob("*/prod_00/server/*/log.txt"))
         if logs.count(f"assigned task to client {site}: name=train") > round_:
             listing = subprocess.run(["pgrep", "-af", "worker_process"], capture_output=True, text=True).stdout
-            pids = [int(line.split()[0]) for line in listing.splitlines() if f"prod_00/{site} " in line]
+            # this deployment's site only: other deployments (a provisioned test beside it) have a site-2 too
+            pids = [int(line.split()[0]) for line in listing.splitlines() if f"{poc.folder}/" in line
+                    and f"prod_00/{site} " in line]
             assert len(pids) == 1, listing
             os.kill(pids[0], signal.SIGKILL)
             return
