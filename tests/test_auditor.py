@@ -47,6 +47,7 @@ def test_audit_cli_on_a_saved_update(bundle, cohort, tmp_path):
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["iterations"] == 4 and metrics["patients_in_update"] == 1 and metrics["dp"] is False
     assert -1 <= metrics["ssim"] <= 1 and metrics["chance"] == 1 / metrics["cohort_slices"]
+    assert metrics["patient_chance"] == 1 / metrics["cohort_patients"] and metrics["cohort_patients"] >= 2
     baselines = {k: v for k, v in metrics.items() if k.startswith("baseline_ssim_")}
     assert set(baselines) == {"baseline_ssim_random", "baseline_ssim_blank", "baseline_ssim_mean_image"}
     assert metrics["baseline_ssim"] == max(baselines.values())
@@ -55,3 +56,16 @@ def test_audit_cli_on_a_saved_update(bundle, cohort, tmp_path):
     assert (out / "comparison.png").stat().st_size > 0 and np.load(out / "reconstruction.npy").shape == (1, 128, 128)
     missing = run_cli("audit", "--update", str(tmp_path / "update.pt"), "--data", str(tmp_path / "batches.pt"))
     assert missing.returncode == 2 and "--model" in missing.stderr
+
+
+def test_privacy_bounds_for_the_slice_and_for_the_patient():
+    from dpseg.auditor import privacy_bounds
+    from dpseg.privacy import reconstruction_bound_eps_delta
+
+    assert privacy_bounds({"dp": False}, 1e-3, 0.1) == {"dp": False}
+    dp = {"dp": True, "epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.5, "sample_rate": 0.05, "steps": 100}
+    bounds = privacy_bounds(dp, 1e-3, 0.1)
+    assert bounds["bound_eps_delta"] == reconstruction_bound_eps_delta(1.0, 1e-5, 1e-3)
+    assert bounds["bound_patient_eps_delta"] == pytest.approx(2.718281828 * 0.1 + 1e-5)
+    assert bounds["bound_gdp"] < bounds["bound_patient_gdp"] < 1
+    assert "bound_patient_eps_delta" not in privacy_bounds(dp, 1e-3)  # no patient count, no patient bound

@@ -140,15 +140,19 @@ def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dic
         metrics["baseline_ssim_mean_image"] = score(cohort.mean_image[None], truths)["ssim"]
         metrics["cohort_slices"] = len(cohort)
         metrics["chance"] = 1.0 / len(cohort)
+        metrics["cohort_patients"] = len(np.unique(cohort.owners[:, 0]))
+        metrics["patient_chance"] = 1.0 / metrics["cohort_patients"]
     metrics["baseline_ssim"] = max(v for k, v in metrics.items() if k.startswith("baseline_ssim_"))
-    metrics.update(privacy_bounds(privacy, metrics.get("chance")))
+    metrics.update(privacy_bounds(privacy, metrics.get("chance"), metrics.get("patient_chance")))
     if out_dir is not None:
         save_reconstruction(Path(out_dir), recon, truths, metrics)
     return metrics
 
 
-def privacy_bounds(privacy: dict | None, chance: float | None) -> dict:
-    """DP facts of the audited update and, with a chance level, the bounds on identification."""
+def privacy_bounds(privacy: dict | None, chance: float | None, patient_chance: float | None = None) -> dict:
+    """DP facts of the audited update and, with chance levels, the bounds on identification of the
+    slice (``chance``: 1 / slices) and of the patient (``patient_chance``: 1 / patients; the DP unit
+    is a patient, so the same bounds hold with the patient as the thing to identify)."""
     if not privacy or not privacy.get("dp"):
         return {"dp": False}
     out = {"dp": True, "epsilon": privacy["epsilon"], "delta": privacy["delta"],
@@ -158,6 +162,11 @@ def privacy_bounds(privacy: dict | None, chance: float | None) -> dict:
         out["bound_eps_delta"] = reconstruction_bound_eps_delta(privacy["epsilon"], privacy["delta"], chance)
         out["bound_gdp"] = reconstruction_bound_gdp(privacy["noise_multiplier"], privacy["sample_rate"],
                                                     privacy["steps"], chance)
+    if patient_chance is not None:
+        out["bound_patient_eps_delta"] = reconstruction_bound_eps_delta(privacy["epsilon"], privacy["delta"],
+                                                                        patient_chance)
+        out["bound_patient_gdp"] = reconstruction_bound_gdp(privacy["noise_multiplier"], privacy["sample_rate"],
+                                                            privacy["steps"], patient_chance)
     return out
 
 

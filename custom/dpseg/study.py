@@ -230,12 +230,16 @@ def score_model(model_file: Path, study: Study) -> dict[str, float]:
     return {s: evaluate(study.cohort / s / "datalist.json", bundle, network, "test")["mean_dice"] for s in study.sites}
 
 
+def audit_folder(study: Study, epsilon: float | None) -> Path:
+    """Where the audit with DP off (None) or at ``epsilon`` runs and keeps its result."""
+    return study.work / "audit" / ("no_DP" if epsilon is None else f"eps_{epsilon:g}")
+
+
 def audit_level(study: Study, epsilon: float | None) -> dict:
     """The canonical audit (batch 1, one SGD step per round) with DP off (None) or at ``epsilon``,
     on the first two sites; returns the report's audit summary and where the reconstructions are."""
     g = study.grid
-    name = "no_DP" if epsilon is None else f"eps_{epsilon:g}"
-    run = study.work / "audit" / name
+    run = audit_folder(study, epsilon)
     if (done := finished(run, g)) is None:
         done = run_audit(study, epsilon, run)
     # example folders are kept relative to the run folder, so a moved work folder still has them
@@ -296,9 +300,12 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True) ->
     plan = [(arm, seed) for seed in g.seeds for arm in arms]
     levels = [None] + list(g.epsilons) if audit else []
     planned = [g.run_minutes(arm.kind) for arm, _ in plan]
-    estimate = sum(planned) + len(levels) * g.minutes_per_audit
-    study.progress(f"study '{g.name}': {len(plan)} training runs and {len(levels)} audits; estimated "
-                   f"{estimate:.0f} min on a 2-core CPU (work folder {study.work})")
+    kept_runs = [(arm_folder(study, arm, seed) / RESULT).exists() for arm, seed in plan]
+    kept_audits = [(audit_folder(study, level) / RESULT).exists() for level in levels]
+    estimate = sum(m for m, k in zip(planned, kept_runs) if not k) + kept_audits.count(False) * g.minutes_per_audit
+    kept_note = f", {sum(kept_runs)} runs and {sum(kept_audits)} audits kept from earlier" if any(kept_runs + kept_audits) else ""
+    study.progress(f"study '{g.name}': {len(plan)} training runs and {len(levels)} audits{kept_note}; estimated "
+                   f"{estimate:.0f} min to go on a 2-core CPU (work folder {study.work})")
     runs, new_minutes, new_planned = [], 0.0, 0.0
     for n, (arm, seed) in enumerate(plan, 1):
         study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed} ...")

@@ -30,7 +30,7 @@ def tiny_study(cohort, tmp_path_factory):
 
 def test_tiny_study_trains_scores_audits_and_writes_the_results(tiny_study, cohort):
     study, results, messages = tiny_study
-    assert messages[0].startswith("study 'tiny': 1 training runs and 2 audits; estimated 3 min")
+    assert messages[0].startswith("study 'tiny': 1 training runs and 2 audits; estimated 3 min to go")
     assert any(m.startswith("[1/1] FL+DP eps 8, seed 0: mean test Dice") for m in messages)
     (run,) = results["runs"]
     assert run["arm"] == "FL+DP eps 8" and 0 < run["epsilon_spent"] <= 8.0
@@ -48,6 +48,8 @@ def test_tiny_study_trains_scores_audits_and_writes_the_results(tiny_study, coho
     again = []
     second = run_study(Study(GRID, cohort, study.work, study.out.parent / "out2", progress=again.append),
                        only={"fed_dp"})
+    assert again[0].startswith("study 'tiny': 1 training runs and 2 audits, 1 runs and 2 audits kept from earlier; "
+                               "estimated 0 min to go")
     assert any(m.startswith("[1/1] FL+DP eps 8, seed 0: finished earlier") for m in again)
     assert second["runs"] == results["runs"] and second["audits"] == results["audits"]
     # and on a copy of it elsewhere: the kept audits find their reconstructions in the copy
@@ -76,8 +78,12 @@ def test_audit_job_scores_at_the_sites_and_only_metrics_reach_the_server(tiny_st
             continue
         assert REPORT_KEYS <= set(row)
         assert 0 <= row["identified"] <= 1 and row["chance"] == pytest.approx(1 / row["cohort_slices"])
+        assert row["patient_chance"] == pytest.approx(1 / row["cohort_patients"]) and row["cohort_patients"] >= 2
         if dp:
             assert 0 < row["epsilon"] <= 8.0 and 0 <= row["bound_gdp"] <= 1 and 0 <= row["bound_eps_delta"] <= 1
+            # identifying the patient is easier by chance, so its bound is no lower than the slice's
+            assert row["bound_eps_delta"] <= row["bound_patient_eps_delta"] <= 1
+            assert row["bound_gdp"] <= row["bound_patient_gdp"] <= 1
     # reconstructions and figures stay at the sites; the server's run folder holds none
     server = ws / "server"
     assert not list(server.rglob("*.npy")) and not list(server.rglob("*.png"))
@@ -87,6 +93,6 @@ def test_audit_job_scores_at_the_sites_and_only_metrics_reach_the_server(tiny_st
         assert (folder / "comparison.png").stat().st_size > 0
         assert np.load(folder / "reconstruction.npy").shape[-2:] == (128, 128)
     text = run_cli("report", str(ws))
-    assert text.returncode == 0 and "audit" in text.stdout and "SSIM" in text.stdout
+    assert text.returncode == 0 and "audit" in text.stdout and "SSIM" in text.stdout and "pat.id" in text.stdout
     saved = json.loads((ws / "dpseg_report.json").read_text())
     assert saved["audit"]["scored"] == len(scored)
