@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+
+from dpseg.files import write_whole
 
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -287,9 +288,8 @@ class Ledger:
     def save(self) -> None:
         """Write atomically (a crash leaves the old or the new ledger, never half of one)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"jobs": self.jobs, "sha256": _digest(self.jobs)}, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        text = json.dumps({"jobs": self.jobs, "sha256": _digest(self.jobs)}, indent=1) + "\n"
+        write_whole(self.path, lambda tmp: tmp.write_text(text))
 
 
 def _digest(jobs: dict) -> str:

@@ -30,6 +30,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from dpseg.bundle import Bundle
+from dpseg.files import write_whole
 
 ROUNDS_FILE = "dpseg_rounds.json"
 BUNDLE_OUT = "bundle"
@@ -76,9 +77,8 @@ class BundlePersistor(PTFileModelPersistor):
         current = int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND) or 0)
         end = int(fl_ctx.get_prop(AppConstants.START_ROUND) or 0) + int(fl_ctx.get_prop(AppConstants.NUM_ROUNDS) or 0)
         model = {k: torch.as_tensor(np.asarray(v)) for k, v in ml[ModelLearnableKey.WEIGHTS].items()}
-        tmp = Path(self.log_dir) / (RESUME_FILE + ".tmp")
-        torch.save({"completed_round": current, "end_round": end, "model": model}, tmp)
-        tmp.replace(Path(self.log_dir) / RESUME_FILE)
+        point = {"completed_round": current, "end_round": end, "model": model}
+        write_whole(Path(self.log_dir) / RESUME_FILE, lambda tmp: torch.save(point, tmp))
 
     def _write_bundle(self, fl_ctx: FLContext) -> None:
         best = torch.load(self._best_ckpt_save_path, map_location="cpu", weights_only=True)
@@ -88,9 +88,7 @@ class BundlePersistor(PTFileModelPersistor):
             shutil.copytree(self.bundle.root, out, ignore=shutil.ignore_patterns("model.pt", "model.ts", "eval"))
         network = self.bundle.network()
         network.load_state_dict(state, strict=True)  # fails loudly on any key mismatch
-        tmp = out / "models" / "model.pt.tmp"
-        torch.save(network.state_dict(), tmp)
-        tmp.replace(out / "models" / "model.pt")
+        write_whole(out / "models" / "model.pt", lambda tmp: torch.save(network.state_dict(), tmp))
         self.log_info(fl_ctx, f"best global model written to {out / 'models' / 'model.pt'}")
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dpseg.files import write_whole
 from dpseg.jobs import JOBS_DIR, configure_job, run_simulator
 
 
@@ -144,9 +145,8 @@ def finished(run: Path, grid: Grid) -> dict | None:
 def keep(run: Path, grid: Grid, result: dict) -> dict:
     """Write ``result`` with the grid and the time it finished to ``run/result.json``; returns it."""
     result = {**result, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    tmp = run / (RESULT + ".tmp")
-    tmp.write_text(json.dumps({"grid": asdict(grid), "result": result}, indent=1) + "\n")
-    tmp.replace(run / RESULT)
+    text = json.dumps({"grid": asdict(grid), "result": result}, indent=1) + "\n"
+    write_whole(run / RESULT, lambda tmp: tmp.write_text(text))
     return result
 
 
