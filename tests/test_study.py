@@ -1,5 +1,6 @@
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,15 @@ def test_arms_cover_local_pooled_fl_and_every_epsilon(cohort, tmp_path):
     assert len({a.slug for a in study.arms()}) == len(names)
     with pytest.raises(FileNotFoundError, match="no site-"):
         Study(GRIDS["quick"], tmp_path, tmp_path / "w", tmp_path / "o")
+
+
+def test_relative_folders_reach_the_simulator_as_absolute_paths(cohort, tmp_path, monkeypatch):
+    monkeypatch.chdir(cohort.parent)  # as `make study-quick` runs: folders relative to the checkout
+    study = Study(GRIDS["quick"], Path(cohort.name), Path("work"), Path("out"))
+    assert study.work == cohort.parent / "work" and study.out == cohort.parent / "out"
+    env = study.env(study.work / "ledger.json")
+    assert Path(env["DPSEG_DATA_ROOT"]).is_absolute() and Path(env["DPSEG_DATA_ROOT"]) == cohort.resolve()
+    assert Path(env["DPSEG_LEDGER"]).is_absolute()
 
 
 def test_summary_gives_mean_and_spread_over_seeds():

@@ -106,6 +106,8 @@ class Study:
     cohort_note: str = "synthetic cohort (dpseg synth, seed 0)"
 
     def __post_init__(self):
+        # absolute: the simulator's processes run in other folders (a relative cohort would not be found)
+        self.cohort, self.work, self.out = (Path(p).resolve() for p in (self.cohort, self.work, self.out))
         if not self.sites:
             self.sites = sorted(p.parent.name for p in self.cohort.glob("site-*/datalist.json"))
         if not self.sites:
