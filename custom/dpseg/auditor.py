@@ -158,15 +158,12 @@ def privacy_bounds(privacy: dict | None, chance: float | None, patient_chance: f
     out = {"dp": True, "epsilon": privacy["epsilon"], "delta": privacy["delta"],
            "noise_multiplier": privacy["noise_multiplier"], "sample_rate": privacy["sample_rate"],
            "steps": privacy["steps"]}
-    if chance is not None:
-        out["bound_eps_delta"] = reconstruction_bound_eps_delta(privacy["epsilon"], privacy["delta"], chance)
-        out["bound_gdp"] = reconstruction_bound_gdp(privacy["noise_multiplier"], privacy["sample_rate"],
-                                                    privacy["steps"], chance)
-    if patient_chance is not None:
-        out["bound_patient_eps_delta"] = reconstruction_bound_eps_delta(privacy["epsilon"], privacy["delta"],
-                                                                        patient_chance)
-        out["bound_patient_gdp"] = reconstruction_bound_gdp(privacy["noise_multiplier"], privacy["sample_rate"],
-                                                            privacy["steps"], patient_chance)
+    for unit, baseline in (("", chance), ("_patient", patient_chance)):
+        if baseline is not None:
+            out[f"bound{unit}_eps_delta"] = reconstruction_bound_eps_delta(privacy["epsilon"], privacy["delta"],
+                                                                           baseline)
+            out[f"bound{unit}_gdp"] = reconstruction_bound_gdp(privacy["noise_multiplier"], privacy["sample_rate"],
+                                                               privacy["steps"], baseline)
     return out
 
 

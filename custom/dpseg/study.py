@@ -311,11 +311,10 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True) ->
     runs, new_minutes, new_planned = [], 0.0, 0.0
     for n, (arm, seed) in enumerate(plan, 1):
         study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed} ...")
-        kept = (arm_folder(study, arm, seed) / RESULT).exists()
         started = time.perf_counter()
         runs.append(train_arm(study, arm, seed))
         r = runs[-1]
-        if kept:
+        if kept_runs[n - 1]:
             study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed}: finished earlier ({r['finished']}), "
                            f"mean test Dice {r['mean_dice']:.3f}; kept")
             continue
