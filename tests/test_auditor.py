@@ -1,4 +1,5 @@
-"""Scoring an audit (no NVFlare): cohort slices, locating the true slice, identification, the CLI."""
+"""Scoring an audit (no NVFlare): cohort slices, locating the true slice, identification and ranks,
+the CLI with and without the attacker's prior."""
 
 import json
 
@@ -7,10 +8,11 @@ import pytest
 import torch
 
 from conftest import run_cli
-from dpseg.auditor import Cohort, score
+from dpseg.auditor import score
 from dpseg.datalist import resolve
 from dpseg.dptrain import LocalTrainer, PatientSlices
 from dpseg.metrics import ssim
+from dpseg.slices import Cohort
 
 
 def test_cohort_locates_the_trained_slice_and_identification_scores(bundle, cohort):
@@ -24,8 +26,13 @@ def test_cohort_locates_the_trained_slice_and_identification_scores(bundle, coho
     assert np.abs((slices.slices[index] - slices.slices[index].mean()) - (x[0, 0].numpy() - x[0, 0].numpy().mean())).max() < 1e-4
     perfect = score(x[:, 0].numpy(), x[:, 0].numpy(), slices, [index])
     assert perfect["ssim"] > 0.99 and perfect["identified"] == 1.0 and perfect["patient_identified"] == 1.0
+    assert perfect["slice_rank"] == 1 and perfect["patient_rank"] == 1
     blank = score(np.zeros((1, 128, 128), np.float32), x[:, 0].numpy(), slices, [index])
     assert blank["ssim"] < 0.9 and blank["psnr"] < perfect["psnr"]
+    assert 1 <= blank["patient_rank"] <= blank["slice_rank"] <= len(slices)
+    other = index + 1 if slices.owners[index + 1, 0] == 2 else index - 1  # a neighbouring slice of the same patient
+    near = score(slices.slices[other][None], x[:, 0].numpy(), slices, [index])
+    assert near["slice_rank"] == 2 and near["patient_rank"] == 1 and near["identified"] == 0.0
 
 
 def test_audit_cli_on_a_saved_update(bundle, cohort, tmp_path):
@@ -39,21 +46,38 @@ def test_audit_cli_on_a_saved_update(bundle, cohort, tmp_path):
     torch.save(update, tmp_path / "update.pt")
     torch.save(global_state, tmp_path / "model.pt")
     torch.save(trainer.batches, tmp_path / "batches.pt")
+    common = ["--update", str(tmp_path / "update.pt"), "--model", str(tmp_path / "model.pt"), "--data",
+              str(tmp_path / "batches.pt"), "--datalist", str(datalist), "--local-lr", "0.01"]
     out = tmp_path / "audit"
-    result = run_cli("audit", "--update", str(tmp_path / "update.pt"), "--model", str(tmp_path / "model.pt"),
-                     "--data", str(tmp_path / "batches.pt"), "--datalist", str(datalist), "--out", str(out),
-                     "--iterations", "4", "--restarts", "1", "--local-lr", "0.01", "--json", str(tmp_path / "m.json"))
+    result = run_cli("audit", *common, "--out", str(out), "--iterations", "4", "--restarts", "1", "--prior", "none",
+                     "--json", str(tmp_path / "m.json"))
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["iterations"] == 4 and metrics["patients_in_update"] == 1 and metrics["dp"] is False
     assert -1 <= metrics["ssim"] <= 1 and metrics["chance"] == 1 / metrics["cohort_slices"]
     assert metrics["patient_chance"] == 1 / metrics["cohort_patients"] and metrics["cohort_patients"] >= 2
+    assert 1 <= metrics["slice_rank"] <= metrics["cohort_slices"] and metrics["prior"] == "none"
     baselines = {k: v for k, v in metrics.items() if k.startswith("baseline_ssim_")}
     assert set(baselines) == {"baseline_ssim_random", "baseline_ssim_blank", "baseline_ssim_mean_image"}
     assert metrics["baseline_ssim"] == max(baselines.values())
     truth = np.load(out / "truth.npy")
     assert metrics["baseline_ssim_blank"] == pytest.approx(ssim(np.zeros_like(truth[0]), truth[0]))
+    # the truth is the patient's stored slice (training's random intensity shift removed)
+    stored = Cohort(resolve(datalist, "training"), bundle.volume_transforms()).slices
+    assert any(np.array_equal(truth[0], s) for s in stored)
     assert (out / "comparison.png").stat().st_size > 0 and np.load(out / "reconstruction.npy").shape == (1, 128, 128)
+    # with a prior from public slices: here the other site's patients stand in for public CT
+    public = cohort / "site-2" / "datalist.json"
+    result = run_cli("audit", *common, "--iterations", "4", "--restarts", "2", "--prior", str(public),
+                     "--prior-components", "16", "--json", str(tmp_path / "p.json"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "p.json").read_text())
+    assert metrics["prior"] == str(public) and metrics["iterations"] == 8
+    assert {"baseline_ssim_prior", "baseline_identified", "baseline_slice_rank"} <= set(metrics)
+    assert metrics["baseline_ssim"] >= metrics["baseline_ssim_prior"] > 0.2  # a public CT slice, not noise
+    assert 1 <= metrics["baseline_patient_rank"] <= metrics["baseline_slice_rank"] <= metrics["cohort_slices"]
+    bad = run_cli("audit", *common, "--prior", str(tmp_path / "no_such.json"))
+    assert bad.returncode == 2 and "no_such.json" in bad.stderr
     missing = run_cli("audit", "--update", str(tmp_path / "update.pt"), "--data", str(tmp_path / "batches.pt"))
     assert missing.returncode == 2 and "--model" in missing.stderr
 

@@ -15,3 +15,12 @@ def test_bench_reports_a_ratio_for_every_working_mode():
 def test_peak_memory_of_a_mode_in_its_own_process():
     mem = peak_memory("fast", batch_size=2, threads=1)
     assert mem["error"] is None and mem["rss_before_mb"] > 100 and mem["step_mb"] > 0
+
+
+def test_attack_time_reads_the_audit_jobs_default_attack():
+    from dpseg.bench import attack_time
+
+    out = attack_time({"iterations": 2, "restarts": 1, "prior_components": 8}, prior_patients=(3,))
+    assert out["attack"]["prior"] == "synthetic" and out["attack"]["iterations"] == 2
+    assert out["seconds_per_update"] > 0 and out["prior_build_seconds"] > 0
+    assert out["seconds_per_iteration"] == out["seconds_per_update"] / 2

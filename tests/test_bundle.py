@@ -71,7 +71,9 @@ def test_training_transforms_give_one_slice_per_patient(bundle, cohort):
     sample = sample[0] if isinstance(sample, list) else sample
     assert tuple(sample["image"].shape) == (1, *bundle.roi_size())
     assert tuple(sample["label"].shape) == (1, *bundle.roi_size())
-    assert -0.05 <= float(sample["image"].min()) and float(sample["image"].max()) <= 1.05  # window + shift
+    shift = bundle.intensity_shift()  # the bundle's random intensity shift, public to the auditor's attacker
+    assert shift == 0.05
+    assert -shift <= float(sample["image"].min()) and float(sample["image"].max()) <= 1 + shift  # window + shift
     assert set(torch.unique(sample["label"]).tolist()) <= {0.0, 1.0}
 
 

@@ -92,13 +92,14 @@ def test_bad_settings_are_refused():
 
 
 def test_metrics_and_identification():
-    from dpseg.metrics import mse, most_similar, psnr
+    from dpseg.metrics import mse, psnr, ranking
 
     g = torch.Generator().manual_seed(0)
     slices = torch.rand(5, SIZE, SIZE, generator=g).numpy()
     noisy = (slices[3] + 0.05 * torch.randn(SIZE, SIZE, generator=g).numpy()).clip(0, 1)
     assert ssim(slices[3], slices[3]) == pytest.approx(1.0) and mse(slices[3], slices[3]) == 0
-    assert most_similar(noisy, slices) == 3
+    order = ranking(noisy, slices)
+    assert order[0] == 3 and sorted(order.tolist()) == list(range(5))
     assert 20 < psnr(noisy, slices[3]) < 30
     with pytest.raises(ValueError, match="shape"):
         ssim(slices[0][:8], slices[0])
@@ -135,3 +136,86 @@ def test_smooth_surrogate_makes_the_matching_loss_differentiable(bundle):
         m.beta = 1e4
     out = smooth(x)
     assert torch.allclose(out, net(x), atol=1e-3)
+
+
+def two_organ_phantom(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 16 x 16 slice with a 'liver' (its mask) and a 'kidney' placed independently of it: the
+    mask does not tell where the kidney is; only the image (or its gradient) does."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
+    ly, lx = 5 + torch.randint(0, 3, (2,), generator=g)
+    ky, kx = 9 + torch.randint(0, 4, (2,), generator=g)
+    body = ((yy - 7.5) ** 2 + (xx - 7.5) ** 2) < 7 ** 2
+    liver = ((yy - ly) ** 2 / 6 + (xx - lx) ** 2 / 4) < 1
+    kidney = ((yy - ky) ** 2 + (xx - kx) ** 2) < 2.5
+    image = 0.3 * body + 0.3 * liver + 0.5 * kidney
+    return image.float().view(1, 1, SIZE, SIZE), liver.float().view(1, 1, SIZE, SIZE)
+
+
+@pytest.fixture(scope="module")
+def public_prior():
+    from dpseg.prior import ImagePrior
+
+    pairs = [two_organ_phantom(100 + s) for s in range(120)]
+    slices = torch.cat([p[0] for p in pairs])[:, 0].numpy()
+    labels = torch.cat([p[1] for p in pairs])[:, 0].numpy()
+    return ImagePrior.fit(slices, labels, components=40)
+
+
+def _prior_attack(net, loss_fn, update, y, prior):
+    settings = AttackSettings(iterations=100, restarts=2, step_size=0.05, prior="public", prior_components=40,
+                              prior_candidates=20, prior_spread=20)
+    return invert(net, loss_fn, update, settings, (SIZE, SIZE), label=y, prior=prior)
+
+
+def test_prior_attack_finds_what_the_mask_does_not_tell(setting, public_prior):
+    net, loss_fn = setting
+    gains = []
+    for seed in (1, 2, 3):
+        x, y = two_organ_phantom(seed)
+        rec = _prior_attack(net, loss_fn, one_step_update(net, loss_fn, x, y, lr=0.01), y, public_prior)
+        assert rec.initial_kind == "prior" and rec.images.shape == x.shape
+        guess = ssim(rec.initial[0, 0].numpy(), x[0, 0].numpy())  # the public slice with the closest mask
+        found = ssim(rec.images[0, 0].numpy(), x[0, 0].numpy())
+        assert found > 0.9, (seed, found, guess)
+        gains.append(found - guess)
+    assert max(gains) > 0.1 and min(gains) > -0.02, gains
+
+
+def test_dp_noise_defeats_the_prior_attack(setting, public_prior):
+    net, loss_fn = setting
+    gains = []
+    for seed in (1, 2, 3):
+        x, y = two_organ_phantom(seed)
+        update = one_step_update(net, loss_fn, x, y, lr=0.01, clip=1.0, noise=1.0, seed=seed)
+        rec = _prior_attack(net, loss_fn, update, y, public_prior)
+        gains.append(ssim(rec.images[0, 0].numpy(), x[0, 0].numpy()) - ssim(rec.initial[0, 0].numpy(), x[0, 0].numpy()))
+    assert sum(gains) / len(gains) < 0.05, gains
+
+
+def test_prior_settings_must_agree(setting, public_prior):
+    net, loss_fn = setting
+    x, y = two_organ_phantom(1)
+    update = one_step_update(net, loss_fn, x, y, lr=0.01)
+    with pytest.raises(ValueError, match="ImagePrior"):
+        invert(net, loss_fn, update, AttackSettings(iterations=1, prior="synthetic"), (SIZE, SIZE), label=y)
+    with pytest.raises(ValueError, match="ImagePrior"):
+        invert(net, loss_fn, update, AttackSettings(iterations=1), (SIZE, SIZE), label=y, prior=public_prior)
+    with pytest.raises(ValueError, match="prior's slices"):
+        invert(net, loss_fn, update, AttackSettings(iterations=1, prior="public"), (8, 8), label=y[..., :8, :8],
+               prior=public_prior)
+
+
+def test_prior_attack_estimates_the_training_intensity_shift(setting, public_prior):
+    net, loss_fn = setting
+    x, y = two_organ_phantom(2)
+    shifted = x + 0.04  # training's random intensity shift (the bundle's RandShiftIntensityd)
+    update = one_step_update(net, loss_fn, shifted, y, lr=0.01)
+    settings = AttackSettings(iterations=100, restarts=2, prior="public", prior_components=40, prior_candidates=20,
+                              prior_spread=20, intensity_shift=0.05)
+    rec = invert(net, loss_fn, update, settings, (SIZE, SIZE), label=y, prior=public_prior)
+    assert abs(float(rec.shifts[0]) - 0.04) < 0.01, rec.shifts
+    assert ssim(rec.unshifted()[0, 0].numpy(), x[0, 0].numpy()) > 0.9
+    unaware = invert(net, loss_fn, update, AttackSettings(**{**settings.__dict__, "intensity_shift": 0.0}), (SIZE, SIZE),
+                     label=y, prior=public_prior)
+    assert float(unaware.shifts[0]) == 0.0

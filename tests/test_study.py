@@ -81,6 +81,15 @@ def test_a_finished_run_is_kept_an_unfinished_one_starts_again(tmp_path):
     assert finished(run, replace(grid, minutes_per_run={"fed": 99.0})) == kept  # estimates are not settings
     with pytest.raises(ValueError, match="other study settings"):
         finished(run, GRIDS["full"])
+    # another attack keeps the training runs but not the audits
+    stronger = replace(grid, attack_iterations=grid.attack_iterations + 1)
+    assert finished(run, stronger) == kept
+    audit = tmp_path / "audit" / "no_DP"
+    assert finished(audit, grid, audit=True) is None
+    keep(audit, grid, {"level": "no DP"})
+    assert finished(audit, grid, audit=True)["level"] == "no DP"
+    with pytest.raises(ValueError, match="other study settings"):
+        finished(audit, stronger, audit=True)
 
 
 def test_the_estimate_is_per_arm_kind_where_measured():

@@ -45,49 +45,27 @@ from nvflare.app_common.app_event_type import AppEventType
 from dpseg.bundle import Bundle
 from dpseg.datalist import resolve
 from dpseg.inversion import AttackSettings, Reconstruction, invert
-from dpseg.metrics import mse, most_similar, psnr, ssim
+from dpseg.metrics import mse, psnr, ranking, ssim
+from dpseg.prior import ImagePrior, load_prior
 from dpseg.privacy import reconstruction_bound_eps_delta, reconstruction_bound_gdp
 from dpseg.report import AUDIT_FILE
+from dpseg.slices import Cohort
 
 AUDIT_TASK = "audit"
 INTERCEPT_DIR = "intercepted"
 
 
 # ------------------------------------------------------------------------------------------ scoring
-class Cohort:
-    """All axial slices of a site's patients after the bundle's deterministic preprocessing:
-    ``slices`` (K, H, W) in [0, 1], ``owners`` (K, 2): (patient index, slice index)."""
-
-    def __init__(self, items: list[dict], volume_transforms):
-        slices, owners = [], []
-        for p, item in enumerate(items):
-            volume = torch.as_tensor(volume_transforms(item)["image"])[0]  # (H, W, D)
-            for z in range(volume.shape[-1]):
-                slices.append(volume[..., z].numpy())
-                owners.append((p, z))
-        self.slices = np.stack(slices).astype(np.float32)
-        self.owners = np.asarray(owners)
-        self.mean_image = self.slices.mean(axis=0)
-
-    def __len__(self) -> int:
-        return len(self.slices)
-
-    def locate(self, image: np.ndarray, patient: int) -> int:
-        """Cohort index of ``patient``'s slice that ``image`` (H, W) was drawn from (closest after
-        removing the mean: training applies a random intensity shift)."""
-        rows = np.flatnonzero(self.owners[:, 0] == patient)
-        centred = image - image.mean()
-        errors = [np.mean((self.slices[r] - self.slices[r].mean() - centred) ** 2) for r in rows]
-        return int(rows[int(np.argmin(errors))])
-
-
 def score(reconstruction: np.ndarray, truths: np.ndarray, cohort: Cohort | None = None,
           true_indices: list[int] | None = None) -> dict:
     """Metrics of reconstructions (R, H, W) against the true images (T, H, W): for each true image
     the best-matching reconstruction's SSIM, PSNR (dB) and MSE, averaged over the true images; with
-    a cohort, identification: the share of true images for which the cohort slice most similar to
-    that reconstruction is the true slice (``identified``) or one of the true patient's slices."""
-    out = {"ssim": [], "psnr": [], "mse": [], "identified": [], "patient_identified": []}
+    a cohort, identification: the cohort's slices ranked by similarity to that reconstruction,
+    ``slice_rank`` of the true slice and ``patient_rank`` of the true patient's first slice (1 is
+    the top), and the share of true images identified (rank 1) as the slice (``identified``) or as
+    the patient (``patient_identified``)."""
+    out = {"ssim": [], "psnr": [], "mse": [], "identified": [], "patient_identified": [], "slice_rank": [],
+           "patient_rank": []}
     for t, truth in enumerate(truths):
         scores = [ssim(r, truth) for r in reconstruction]
         best = reconstruction[int(np.argmax(scores))]
@@ -95,15 +73,19 @@ def score(reconstruction: np.ndarray, truths: np.ndarray, cohort: Cohort | None 
         out["psnr"].append(psnr(best, truth))
         out["mse"].append(mse(best, truth))
         if cohort is not None and true_indices is not None:
-            guess = most_similar(best, cohort.slices)
-            out["identified"].append(guess == true_indices[t])
-            out["patient_identified"].append(cohort.owners[guess, 0] == cohort.owners[true_indices[t], 0])
+            order = ranking(best, cohort.slices)
+            slice_rank = 1 + int(np.flatnonzero(order == true_indices[t])[0])
+            patient_rank = 1 + int(np.flatnonzero(cohort.owners[order, 0] == cohort.owners[true_indices[t], 0])[0])
+            out["slice_rank"].append(slice_rank)
+            out["patient_rank"].append(patient_rank)
+            out["identified"].append(slice_rank == 1)
+            out["patient_identified"].append(patient_rank == 1)
     return {k: float(np.mean(v)) for k, v in out.items() if v}
 
 
 def attack_settings(training: dict, **attack) -> AttackSettings:
-    """The attack (``attack``: iterations, restarts, label, simulate, seed) with the site's public
-    local-training settings (``training``: local_steps, learning_rate, batch_size)."""
+    """The attack (``attack``: iterations, restarts, label, simulate, seed, prior, ...) with the
+    site's public local-training settings (``training``: local_steps, learning_rate, batch_size)."""
     return AttackSettings(**attack, local_steps=int(training.get("local_steps", 1)),
                           local_lr=float(training.get("learning_rate", 1.0)),
                           batch_size=max(1, round(float(training.get("batch_size", 1)))))
@@ -112,27 +94,40 @@ def attack_settings(training: dict, **attack) -> AttackSettings:
 def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dict, settings: AttackSettings,
                  images: torch.Tensor, labels: torch.Tensor, cohort: Cohort | None = None,
                  patients: list[int] | None = None, privacy: dict | None = None,
-                 out_dir: Path | None = None, progress=None) -> dict:
-    """Attack one update and score it against the true batch (``images``, ``labels``: (T, 1, H, W);
-    ``patients``: their indices in the cohort's items, for identification).
+                 out_dir: Path | None = None, progress=None, prior: ImagePrior | None = None) -> dict:
+    """Attack one update and score it against the true batch (``images``, ``labels``: (T, 1, H, W),
+    the slices as trained; ``patients``: their indices in the cohort's items, for identification;
+    ``prior``: the attacker's public image prior when ``settings.prior`` names one). With a cohort,
+    the truth is each patient's stored slice (the trained image without training's random
+    intensity shift) and the reconstruction is the attack's estimate of it (its estimated shift
+    removed); without one, the trained images.
 
-    Returns scalar metrics only: the reconstruction's scores, the uninformed baselines (the attack's
-    random start, a blank slice and the cohort's mean slice; ``baseline_ssim`` is the best of them),
-    identification against the cohort with its chance
-    level, and for a DP update the theoretical bound on identification success. With ``out_dir`` the
-    reconstruction, the truth and a side-by-side PNG are written there (the site's own folder).
+    Returns scalar metrics only: the reconstruction's scores, the uninformed baselines (guesses made
+    without the update: the attack's own, that is its random start or the prior's guess from public
+    slices; a blank slice; the cohort's mean slice; ``baseline_ssim`` is the best of them, and the
+    attack's own guess is also identified against the cohort: ``baseline_identified``,
+    ``baseline_patient_identified``, ``baseline_slice_rank``, ``baseline_patient_rank``),
+    identification against the cohort with its chance level, and for a DP update the theoretical
+    bound on identification success. With ``out_dir`` the reconstruction, the truth and a
+    side-by-side PNG are written there (the site's own folder).
     """
     if settings.label == "known":
         settings = AttackSettings(**{**asdict(settings), "batch_size": len(images)})
     shape = tuple(images.shape[-2:])
     rec: Reconstruction = invert(network, loss_fn, update, settings, shape,
-                                 label=labels if settings.label == "known" else None, progress=progress)
-    recon, truths = rec.images[:, 0].numpy(), images[:, 0].numpy()
-    true_indices = [cohort.locate(t, p) for t, p in zip(truths, patients)] if cohort is not None else None
+                                 label=labels if settings.label == "known" else None, progress=progress, prior=prior)
+    recon, truths = rec.unshifted()[:, 0].numpy(), images[:, 0].numpy()
+    true_indices = None
+    if cohort is not None:  # score against the patients' stored slices, without training's random shift
+        true_indices = [cohort.locate(t, p) for t, p in zip(truths, patients)]
+        truths = cohort.slices[true_indices]
     metrics = {"patients_in_update": len(images), "label": settings.label, "simulate": settings.simulate,
-               "iterations": rec.iterations, "restarts": settings.restarts, "seconds": rec.seconds,
-               "matching_loss": rec.matching_loss, **score(recon, truths, cohort, true_indices)}
-    metrics["baseline_ssim_random"] = score(rec.initial[:, 0].numpy(), truths)["ssim"]
+               "prior": settings.prior, "iterations": rec.iterations, "restarts": settings.restarts,
+               "seconds": rec.seconds, "matching_loss": rec.matching_loss, **score(recon, truths, cohort, true_indices)}
+    guess = score(rec.initial[:, 0].numpy(), truths, cohort, true_indices)
+    metrics[f"baseline_ssim_{rec.initial_kind}"] = guess["ssim"]
+    metrics.update({f"baseline_{k}": guess[k] for k in ("identified", "patient_identified", "slice_rank",
+                                                         "patient_rank") if k in guess})
     # a blank slice (air, the window's lower bound, everywhere): most of a CT slice is air at exactly
     # that value, so SSIM rewards it; a reconstruction has to beat it to show anything
     metrics["baseline_ssim_blank"] = score(np.zeros_like(truths), truths)["ssim"]
@@ -239,14 +234,18 @@ class AuditController(Controller):
     """After training, sends every intercepted update back to its site as an ``audit`` task and
     writes the sites' metrics (scalars only) to ``<server run>/dpseg_audit.json``.
 
-    iterations, restarts, label ("known" / "joint"), simulate ("single" / "unroll"): the attack.
+    iterations, restarts, label ("known" / "joint"), simulate ("single" / "unroll"), prior
+    ("synthetic", "none" or a public datalist's path at the sites), prior_components: the attack
+    (see ``dpseg.inversion.AttackSettings``).
     """
 
-    def __init__(self, interceptor_id: str = "interceptor", task_name: str = AUDIT_TASK, iterations: int = 2000,
-                 restarts: int = 1, label: str = "known", simulate: str = "single", task_timeout: int = 0):
+    def __init__(self, interceptor_id: str = "interceptor", task_name: str = AUDIT_TASK, iterations: int = 300,
+                 restarts: int = 3, label: str = "known", simulate: str = "single", prior: str = "synthetic",
+                 prior_components: int = 256, task_timeout: int = 0):
         super().__init__()
         self.interceptor_id, self.task_name, self.task_timeout = interceptor_id, task_name, task_timeout
-        self.attack = {"iterations": iterations, "restarts": restarts, "label": label, "simulate": simulate}
+        self.attack = {"iterations": iterations, "restarts": restarts, "label": label, "simulate": simulate,
+                       "prior": prior, "prior_components": prior_components}
         AttackSettings(**self.attack)  # refuse bad settings when the job starts
         self.results: list[dict] = []
         self.lock = threading.Lock()
@@ -316,6 +315,7 @@ class SiteAuditor(Executor):
         super().__init__()
         self.task_name = task_name
         self.cohort: Cohort | None = None
+        self.priors: dict[tuple, ImagePrior | None] = {}
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         from dpseg.learner import ERROR_HEADER
@@ -355,10 +355,17 @@ class SiteAuditor(Executor):
                 return reply
             self.log_info(fl_ctx, "loading the site's training slices for identification")
             self.cohort = Cohort(resolve(settings.datalist, "training"), bundle.volume_transforms())
-        metrics = self._audit(dxo, batches, bundle, app_dir / "audit" / f"round{current_round}", fl_ctx)
+        attack = dxo.get_meta_prop("attack") or {}
+        key = (attack.get("prior", "none"), attack.get("prior_components", AttackSettings.prior_components))
+        if key not in self.priors:  # built once per site workspace (kept in <site root>/audit_prior)
+            self.priors[key] = load_prior(key[0], root / "audit_prior", bundle.volume_transforms(), key[1],
+                                          progress=lambda m: self.log_info(fl_ctx, m))
+        metrics = self._audit(dxo, batches, bundle, app_dir / "audit" / f"round{current_round}", fl_ctx,
+                              self.priors[key])
         return DXO(DataKind.METRICS, data=metrics).to_shareable()
 
-    def _audit(self, dxo: DXO, batches: list[dict], bundle: Bundle, out_dir: Path, fl_ctx: FLContext) -> dict:
+    def _audit(self, dxo: DXO, batches: list[dict], bundle: Bundle, out_dir: Path, fl_ctx: FLContext,
+               prior: ImagePrior | None) -> dict:
         training, privacy = dxo.get_meta_prop("training") or {}, dxo.get_meta_prop("privacy")
         if len(batches) != 1:
             self.log_warning(fl_ctx, f"{len(batches)} local steps in the audited round: scoring the first batch")
@@ -366,13 +373,15 @@ class SiteAuditor(Executor):
         if not batch["patients"]:
             self.log_info(fl_ctx, "no patient in the audited update (empty Poisson sample): nothing to reconstruct")
             return {"patients_in_update": 0, **privacy_bounds(privacy, None)}
-        attack = attack_settings(training, **dxo.get_meta_prop("attack"))
+        attack = attack_settings(training, **dxo.get_meta_prop("attack"), intensity_shift=bundle.intensity_shift())
         network = bundle.network()
         network.load_state_dict({k: torch.as_tensor(v) for k, v in dxo.data["global"].items()}, strict=True)
         update = {k: torch.as_tensor(v) for k, v in dxo.data["update"].items()}
         metrics = audit_update(network, bundle.loss(), update, attack, batch["images"], batch["labels"], self.cohort,
-                               batch["patients"], privacy, out_dir, progress=lambda m: self.log_info(fl_ctx, m))
+                               batch["patients"], privacy, out_dir, progress=lambda m: self.log_info(fl_ctx, m),
+                               prior=prior)
         self.log_info(fl_ctx, f"audit: SSIM {metrics['ssim']:.3f} (baseline {metrics['baseline_ssim']:.3f}), "
-                              f"identified {metrics['identified']:.2f}, {metrics['seconds']:.0f} s; "
+                              f"identified {metrics['identified']:.2f} (true slice ranked {metrics['slice_rank']:.0f} "
+                              f"of {metrics['cohort_slices']}), {metrics['seconds']:.0f} s; "
                               f"reconstruction and figure in {out_dir}")
         return metrics

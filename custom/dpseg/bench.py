@@ -5,8 +5,8 @@
   ``repeats`` full optimizer steps after one warm-up step. A "step" is forward, backward,
   (per-sample clipping and noise for DP) and Adam. Peak memory of each mode is measured in a fresh
   child process of its own (a process's peak RSS only grows).
-- ``attack_time``: seconds per iteration of the gradient-inversion attack on the bundle network
-  (median of ``repeats`` timed blocks), and per audited update at the default iterations x restarts.
+- ``attack_time``: seconds of the audit job's default gradient-inversion attack on one update of
+  the bundle network, and of building its public prior.
 - ``fl_overhead`` and ``scaling`` (``dpseg.bench --fl``): the NVFlare simulator's wall time per
   round against the local training time the sites report inside it, for 1, 2, 4 and 8 simulated
   sites with the same tiny cohort per site.
@@ -161,29 +161,35 @@ def step_time_ratios(batch_size: int = 16, repeats: int = 7, threads: int | None
             "torch": torch.__version__, "modes": results}
 
 
-def attack_time(iterations: int = 20, repeats: int = 5, default_iterations: int = 2000,
-                default_restarts: int = 1) -> dict:
-    """Seconds per attack iteration on the bundle network (median of ``repeats`` runs of
-    ``iterations`` iterations, one restart, known mask), and the implied seconds per audited
-    update at the default ``default_iterations`` x ``default_restarts``."""
+def attack_time(overrides: dict | None = None, prior_patients: tuple[int, ...] | None = None) -> dict:
+    """Seconds of the audit job's default attack (its server config's iterations x restarts and
+    prior; ``overrides`` change them) on one update of the bundle network (one slice, one SGD step
+    of learning rate 0.01 at the initial model, known mask): building the synthetic prior (done
+    once per site workspace, then kept) and attacking the update."""
     from dpseg.inversion import AttackSettings, invert
+    from dpseg.jobs import JOBS_DIR, SERVER_CONFIG
+    from dpseg.prior import PUBLIC_PATIENTS, load_prior, synthetic_prior
 
+    server = json.loads((JOBS_DIR / "fed_dp_audit" / SERVER_CONFIG).read_text())
+    attack = {"iterations": server["attack_iterations"], "restarts": server["attack_restarts"],
+              "prior": server["attack_prior"], "prior_components": server["attack_prior_components"],
+              **(overrides or {})}
     bundle = Bundle()
     network, loss_fn = bundle.network(), bundle.loss()
     x, y = _batch(bundle, 1)
     network.zero_grad()
     loss_fn(network(x), y).backward()
     update = {k: -0.01 * p.grad.detach().clone() for k, p in network.named_parameters()}
-    per_iteration = []
-    for seed in range(repeats):
-        rec = invert(network, loss_fn, update, AttackSettings(iterations=iterations, restarts=1, seed=seed),
-                     tuple(bundle.roi_size()), label=y)
-        per_iteration.append(rec.seconds / iterations)
-    median = statistics.median(per_iteration)
-    return {"benchmark": "attack_time", "seconds_per_iteration": median, "runs": repeats,
-            "iterations_per_run": iterations, "default_iterations": default_iterations,
-            "default_restarts": default_restarts,
-            "seconds_per_update": median * default_iterations * default_restarts,
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        vt, k = bundle.volume_transforms(), attack["prior_components"]
+        prior = synthetic_prior(Path(folder), vt, k, patients=prior_patients or PUBLIC_PATIENTS) \
+            if attack["prior"] == "synthetic" else load_prior(attack["prior"], Path(folder), vt, k)
+    built = time.perf_counter() - started
+    settings = AttackSettings(**attack, local_lr=0.01, intensity_shift=bundle.intensity_shift())
+    rec = invert(network, loss_fn, update, settings, tuple(bundle.roi_size()), label=y, prior=prior)
+    return {"benchmark": "attack_time", "attack": attack, "prior_build_seconds": built,
+            "seconds_per_update": rec.seconds, "seconds_per_iteration": rec.seconds / rec.iterations,
             "torch_threads": torch.get_num_threads()}
 
 
@@ -230,11 +236,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int)
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--fl", action="store_true", help="also the simulator overhead / scaling (1, 2, 4, 8 sites)")
-    p.add_argument("--attack", action="store_true", help="also the attack time per iteration and per update")
+    p.add_argument("--attack", action="store_true", help="also the time of the audit's default attack on one update")
     args = p.parse_args(argv)
     out = {"dp_step_time": step_time_ratios(args.batch_size, args.repeats, args.threads)}
     if args.attack:
-        out["attack_time"] = attack_time(repeats=max(5, args.repeats // 2))
+        out["attack_time"] = attack_time()
     if args.fl:
         out["fl_overhead_and_scaling"] = fl_scaling()
     text = json.dumps(out, indent=1)

@@ -77,6 +77,15 @@ class Bundle:
         """Patient volume -> whole preprocessed volume (1, H, W, D), for validation."""
         return self._build(self.train_config, "validate#preprocessing")
 
+    def intensity_shift(self) -> float:
+        """The largest random intensity shift training adds to a slice, in window units ([0, 1]
+        spans the HU window): RandShiftIntensityd's offsets, 0 without one. Public: the auditor's
+        attacker knows it."""
+        from monai.transforms import RandShiftIntensityd
+
+        shifts = [t for t in self.train_transforms().transforms if isinstance(t, RandShiftIntensityd)]
+        return float(max((max(abs(o) for o in t.shifter.offsets) for t in shifts), default=0.0))
+
     def roi_size(self) -> tuple[int, int]:
         """In-plane size (voxels) of the network's input slices."""
         return tuple(self.train_config["roi_size"])

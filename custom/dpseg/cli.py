@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -168,9 +169,11 @@ def _load_torch(path: str, what: str):
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Attack one saved update outside NVFlare and score it against the site's true batch."""
-    from dpseg.auditor import Cohort, attack_settings, audit_update
+    from dpseg.auditor import attack_settings, audit_update
     from dpseg.bundle import Bundle
     from dpseg.datalist import resolve
+    from dpseg.prior import load_prior
+    from dpseg.slices import Cohort
 
     record = _load_torch(args.update, "update")
     meta = {}
@@ -189,11 +192,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if not batch.get("patients", [0]) or "images" not in batch:
         print(f"error: {args.data} holds no image for step {args.step} (an empty Poisson sample?)", file=sys.stderr)
         return 2
+    bundle = Bundle()
     given = {"local_steps": args.local_steps, "learning_rate": args.local_lr, "batch_size": args.batch_size}
     training = {**(meta.get("training") or {}), **{k: v for k, v in given.items() if v}}
     settings = attack_settings(training, iterations=args.iterations, restarts=args.restarts, label=args.label,
-                               simulate=args.simulate, seed=args.seed)
-    bundle = Bundle()
+                               simulate=args.simulate, seed=args.seed, prior=args.prior,
+                               prior_components=args.prior_components, intensity_shift=bundle.intensity_shift())
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            prior = load_prior(args.prior, Path(args.prior_dir or args.out or scratch), bundle.volume_transforms(),
+                               args.prior_components, progress=lambda m: print(m, flush=True))
+        except (FileNotFoundError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     network = bundle.network()
     network.load_state_dict(global_state, strict=True)
     cohort = None
@@ -202,7 +213,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         cohort = Cohort(resolve(Path(args.datalist), "training"), bundle.volume_transforms())
     metrics = audit_update(network, bundle.loss(), update, settings, batch["images"], batch["labels"], cohort,
                            batch.get("patients"), meta.get("privacy"), Path(args.out) if args.out else None,
-                           progress=lambda m: print(m, flush=True))
+                           progress=lambda m: print(m, flush=True), prior=prior)
     print(json.dumps(metrics, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=1) + "\n")
@@ -298,8 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datalist", help="the site's datalist: identify the reconstruction among all its training slices")
     p.add_argument("--out", help="folder for the reconstruction, the truth and comparison.png")
     p.add_argument("--json", help="also write the metrics to this JSON file")
-    p.add_argument("--iterations", type=int, default=2000)
-    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--iterations", type=int, default=300, help="per restart (default 300; 2000 suits --prior none)")
+    p.add_argument("--restarts", type=int, default=3)
+    p.add_argument("--prior", default="synthetic",
+                   help="the attacker's public image prior: 'synthetic' (a public synthetic cohort, seed of its own; "
+                        "default), 'none' (search pixels), or a public datalist")
+    p.add_argument("--prior-components", type=int, default=256)
+    p.add_argument("--prior-dir", help="where the synthetic prior is built and kept (default: --out, else a temporary folder)")
     p.add_argument("--label", choices=["known", "joint"], default="known")
     p.add_argument("--simulate", choices=["single", "unroll"], default="single")
     p.add_argument("--local-steps", type=int, help="the site's local steps (default: from the update's meta, else 1)")

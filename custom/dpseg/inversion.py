@@ -32,12 +32,18 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Callable
+
+import numpy as np
 
 import torch
 from torch.func import functional_call
 
+from dpseg.prior import ImagePrior
+
 LABEL_MODES = ("known", "joint")
+SHIFT_STEP = 0.002  # Adam step of the estimated intensity shift (window units)
 SIMULATIONS = ("single", "unroll")
 
 
@@ -51,7 +57,12 @@ class AttackSettings:
     is optimised too); simulate: "single" or "unroll"; local_steps, local_lr: the site's public
     local training settings (used by "unroll"); batch_size: images to reconstruct per update;
     smooth_beta, smooth_beta_end: the activation surrogate's sharpness at the first and last
-    iteration (0: the exact activation).
+    iteration (0: the exact activation); intensity_shift: the largest random intensity shift the
+    site's training adds (public, from the bundle), estimated per image with a prior;
+    prior: "none" (search pixels) or the name of the attacker's public image prior
+    (``dpseg.prior``), with prior_components (its principal components), prior_candidates (public
+    slices with the masks closest to the known one) and prior_spread (public slices spread through
+    the set) as starting candidates.
     """
 
     iterations: int = 2000
@@ -66,6 +77,11 @@ class AttackSettings:
     seed: int = 0
     smooth_beta: float = 20.0
     smooth_beta_end: float = 100.0
+    intensity_shift: float = 0.0
+    prior: str = "none"
+    prior_components: int = 256
+    prior_candidates: int = 20
+    prior_spread: int = 60
 
     def __post_init__(self):
         if self.label not in LABEL_MODES:
@@ -74,13 +90,18 @@ class AttackSettings:
             raise ValueError(f"simulate must be one of {SIMULATIONS}, got {self.simulate!r}")
         if self.iterations < 1 or self.restarts < 1 or self.batch_size < 1 or self.local_steps < 1:
             raise ValueError(f"iterations, restarts, batch_size and local_steps must be >= 1: {asdict(self)}")
+        if self.prior != "none" and min(self.prior_components, self.prior_candidates + self.prior_spread) < 1:
+            raise ValueError(f"a prior needs prior_components >= 1 and starting candidates: {asdict(self)}")
 
 
 @dataclass
 class Reconstruction:
     """images (B, 1, H, W) in [0, 1]; labels (B, 1, H, W) in {0, 1} (known or estimated);
     matching_loss of the kept restart; seconds of wall time; iterations in all restarts;
-    initial: the first restart's random start (B, 1, H, W), the uninformed guess."""
+    initial (B, 1, H, W): the guess made without the update, the uninformed baseline (the first
+    random start, or the prior's guess); initial_kind: "random" or "prior"; shifts (B,): the
+    estimated random intensity shift in each image (``images - shifts`` is the attacker's estimate
+    of the stored, unshifted slice)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -88,6 +109,12 @@ class Reconstruction:
     seconds: float
     iterations: int
     initial: torch.Tensor
+    initial_kind: str = "random"
+    shifts: torch.Tensor | None = None
+
+    def unshifted(self) -> torch.Tensor:
+        """The reconstructions without their estimated intensity shift, (B, 1, H, W)."""
+        return self.images if self.shifts is None else self.images - self.shifts.view(-1, 1, 1, 1)
 
 
 class SmoothLeakyReLU(torch.nn.Module):
@@ -191,32 +218,71 @@ def informative(model: UpdateModel, shape: tuple[int, ...], generator: torch.Gen
     return [bool(n > 1e-5 * norms.max()) for n in norms]
 
 
+class Matching:
+    """The attack's objective for one update: the cosine distance between the update candidate
+    images would produce and the observed one (informative tensors only), on the attacker's smooth
+    copy of the network (``loss``, differentiable) or on the exact network (``exact``, to choose)."""
+
+    def __init__(self, network: torch.nn.Module, loss_fn: torch.nn.Module, update: dict[str, torch.Tensor],
+                 settings: AttackSettings, image_shape: tuple[int, int], generator: torch.Generator):
+        self.settings = settings
+        self.exact = UpdateModel(network, loss_fn)
+        self.surrogates: list[SmoothLeakyReLU] = []
+        if settings.smooth_beta > 0:
+            smooth, self.surrogates = smooth_copy(network, settings.smooth_beta)
+            self.model = UpdateModel(smooth, loss_fn)
+        else:
+            self.model = self.exact
+        self.shape = (settings.batch_size, 1, *image_shape)
+        self.keep = informative(self.model, self.shape, generator)
+        self.observed = [o for o, k in zip(observed_descent(update, self.model.names), self.keep) if k]
+        self.joint_loss = one_hot_loss(loss_fn) if settings.label == "joint" else None
+
+    def anneal(self, iteration: int, iterations: int) -> None:
+        """Geometric annealing of the surrogate's beta towards the exact activation."""
+        start = self.settings.smooth_beta
+        end = self.settings.smooth_beta_end or start
+        for surrogate in self.surrogates:
+            surrogate.beta = start * (end / start) ** (iteration / max(1, iterations - 1))
+
+    def loss(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        candidate = self.model.descent(images, target, self.settings, self.joint_loss)
+        return cosine_distance([c for c, k in zip(candidate, self.keep) if k], self.observed)
+
+    def exact_loss(self, images: torch.Tensor, target: torch.Tensor) -> float:
+        candidate = self.exact.descent(images.detach(), target.detach(), self.settings, self.joint_loss,
+                                       create_graph=False)
+        return float(cosine_distance([c.detach() for c, k in zip(candidate, self.keep) if k], self.observed))
+
+
 def invert(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dict[str, torch.Tensor],
            settings: AttackSettings, image_shape: tuple[int, int], label: torch.Tensor | None = None,
-           progress: Callable[[str], None] | None = None) -> Reconstruction:
+           progress: Callable[[str], None] | None = None, prior: ImagePrior | None = None) -> Reconstruction:
     """Reconstruct ``settings.batch_size`` images (1, H, W) from one update.
 
     ``update``: new minus old weights, by parameter name (buffers ignored); ``network`` holds the
-    old (global) weights; ``label`` (B, 1, H, W): the true masks for ``label="known"``.
+    old (global) weights; ``label`` (B, 1, H, W): the true masks for ``label="known"``; ``prior``:
+    the attacker's public image prior, required when ``settings.prior`` is not ``"none"``.
     """
     if settings.label == "known" and label is None:
         raise ValueError("label='known' needs the true label masks")
+    if (settings.prior != "none") != (prior is not None):
+        raise ValueError(f"settings.prior is {settings.prior!r} but {'no' if prior is None else 'an'} ImagePrior was given")
+    if prior is not None and prior.shape != tuple(image_shape):
+        raise ValueError(f"the prior's slices are {prior.shape}, the images {tuple(image_shape)}")
     start = time.perf_counter()
-    exact = UpdateModel(network, loss_fn)
-    surrogates: list[SmoothLeakyReLU] = []
-    if settings.smooth_beta > 0:
-        smooth, surrogates = smooth_copy(network, settings.smooth_beta)
-        model = UpdateModel(smooth, loss_fn)
-    else:
-        model = exact
-    observed = observed_descent(update, model.names)
-    shape = (settings.batch_size, 1, *image_shape)
     generator = torch.Generator().manual_seed(settings.seed)
-    keep = informative(model, shape, generator)
-    observed = [o for o, k in zip(observed, keep) if k]
-    joint_loss = one_hot_loss(loss_fn) if settings.label == "joint" else None
-    best: tuple[float, torch.Tensor, torch.Tensor] | None = None
-    initial = None
+    matching = Matching(network, loss_fn, update, settings, image_shape, generator)
+    search = _pixel_search if prior is None else partial(_prior_search, prior=prior)
+    loss, images, labels, initial, shifts = search(matching, label, generator, progress)
+    return Reconstruction(images, labels, loss, time.perf_counter() - start, settings.iterations * settings.restarts,
+                          initial, "random" if prior is None else "prior", shifts)
+
+
+def _pixel_search(matching: Matching, label: torch.Tensor | None, generator: torch.Generator, progress) -> tuple:
+    """Restarts from uniform random images, Adam on signed gradients of matching + TV, box [0, 1]."""
+    settings, shape = matching.settings, matching.shape
+    best, initial = None, None
     for restart in range(settings.restarts):
         images = torch.rand(shape, generator=generator).requires_grad_(True)
         if initial is None:
@@ -230,12 +296,9 @@ def invert(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dict[str,
         milestones = [int(settings.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, gamma=0.1)
         for it in range(settings.iterations):
-            for surrogate in surrogates:  # geometric annealing towards the exact activation
-                end = settings.smooth_beta_end or settings.smooth_beta
-                surrogate.beta = settings.smooth_beta * (end / settings.smooth_beta) ** (it / max(1, settings.iterations - 1))
+            matching.anneal(it, settings.iterations)
             target = soft_target(mask_logits) if mask_logits is not None else label
-            candidate = model.descent(images, target, settings, joint_loss)
-            match = cosine_distance([c for c, k in zip(candidate, keep) if k], observed)
+            match = matching.loss(images, target)
             objective = match + settings.tv_weight * total_variation(images)
             grads = torch.autograd.grad(objective, variables)
             for v, g in zip(variables, grads):
@@ -244,17 +307,98 @@ def invert(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dict[str,
             schedule.step()
             with torch.no_grad():
                 images.clamp_(0, 1)
-            if progress and (it + 1) % max(1, settings.iterations // 4) == 0:
-                progress(f"restart {restart + 1}/{settings.restarts}, iteration {it + 1}/{settings.iterations}: "
-                         f"matching loss {float(match):.4f}")
-        with torch.no_grad():
-            target = soft_target(mask_logits) if mask_logits is not None else label
-        final = float(cosine_distance([c.detach() for c, k in zip(
-            exact.descent(images.detach(), target.detach(), settings, joint_loss, create_graph=False), keep) if k],
-            observed))
+            _report(progress, restart, it, settings, match)
+        target = (soft_target(mask_logits) if mask_logits is not None else label).detach()
+        final = matching.exact_loss(images, target)
         if best is None or final < best[0]:
             estimated = (target[:, 1:2] > 0.5).float() if mask_logits is not None else label
-            best = (final, images.detach().clone(), estimated.detach().clone())
-    seconds = time.perf_counter() - start
-    return Reconstruction(best[1], best[2], best[0], seconds, settings.iterations * settings.restarts, initial)
+            best = (final, images.detach().clone(), estimated.clone())
+    return (*best, initial, None)
 
+
+def _prior_search(matching: Matching, label: torch.Tensor | None, generator: torch.Generator, progress,
+                  prior: ImagePrior) -> tuple:
+    """Search in the prior's coefficients. Starting points: public slices (those whose mask is
+    closest to the known one, and slices spread through the public set), ranked by the exact
+    matching loss; restart r starts from each image's r-th best. Adam on the coefficients, on a
+    per-image intensity shift within +-``intensity_shift`` (and on the mask logits, for
+    ``label="joint"``) with a cosine-annealed step; the exact matching loss,
+    checked every 50 iterations, picks the result. ``initial``: the prior's guess without the
+    update (the public slice whose mask is closest to the known one; the public mean image for a
+    joint label)."""
+    settings, shape = matching.settings, matching.shape
+    batch = shape[0]
+    mask_of = (lambda i: torch.from_numpy(prior.labels[i])[None, None])
+    image_of = (lambda i: torch.from_numpy(prior.slices[i])[None, None])
+    if label is not None:
+        reference = [int(prior.closest_masks(label[b, 0].numpy(), 1)[0]) for b in range(batch)]
+        initial = torch.cat([image_of(i) for i in reference])
+        targets = label
+    else:
+        initial = prior.decode(torch.zeros(batch, len(prior.scales)))
+        targets = torch.zeros(shape)
+    ranked = []
+    for b in range(batch):  # rank image b's candidates, the other images held at the initial guess
+        pool = prior.spread(settings.prior_spread)
+        if label is not None:
+            pool = np.unique(np.concatenate([prior.closest_masks(label[b, 0].numpy(), settings.prior_candidates), pool]))
+        scores = []
+        for i in pool:
+            images, target = initial.clone(), targets.clone()
+            images[b] = image_of(i)[0]
+            if label is None:
+                target[b] = mask_of(i)[0]
+            scores.append((matching.exact_loss(images, _as_target(target, label)), int(i)))
+        ranked.append([i for _, i in sorted(scores)])
+    bound = settings.intensity_shift
+    best = None
+    for restart in range(settings.restarts):
+        picks = [r[restart % len(r)] for r in ranked]
+        z = prior.encode(prior.slices[picks]).clone().requires_grad_(True)
+        shift = torch.zeros(batch, requires_grad=True)
+        groups = [{"params": [z]}, {"params": [shift], "lr": SHIFT_STEP}]
+        mask_logits = None
+        if label is None:
+            mask_logits = (4.0 * (2 * torch.from_numpy(prior.labels[picks])[:, None] - 1)).requires_grad_(True)
+            groups.append({"params": [mask_logits]})
+        optimiser = torch.optim.Adam(groups, lr=settings.step_size)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, settings.iterations, eta_min=settings.step_size / 100)
+
+        def image() -> torch.Tensor:
+            return prior.decode(z) + shift.clamp(-bound, bound).view(-1, 1, 1, 1)
+
+        def keep_if_better(best):
+            with torch.no_grad():
+                images = image()
+                target = (soft_target(mask_logits) if mask_logits is not None else label).detach()
+            final = matching.exact_loss(images, target)
+            if best is None or final < best[0]:
+                estimated = (target[:, 1:2] > 0.5).float() if mask_logits is not None else label
+                best = (final, images.clone(), estimated.clone(), shift.detach().clamp(-bound, bound).clone())
+            return best
+
+        best = keep_if_better(best)  # the start itself (a public slice's projection) may already fit best
+        for it in range(settings.iterations):
+            matching.anneal(it, settings.iterations)
+            target = soft_target(mask_logits) if mask_logits is not None else label
+            match = matching.loss(image(), target)
+            optimiser.zero_grad()
+            match.backward()
+            optimiser.step()
+            schedule.step()
+            _report(progress, restart, it, settings, match)
+            if (it + 1) % 50 == 0 or it + 1 == settings.iterations:
+                best = keep_if_better(best)
+    loss, images, labels, shifts = best
+    return loss, images, labels, initial, shifts
+
+
+def _as_target(masks: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:
+    """Known labels as they are; for a joint label, (B, 1, H, W) masks as soft (B, 2, H, W) targets."""
+    return masks if label is not None else torch.cat([1 - masks, masks], dim=1)
+
+
+def _report(progress, restart: int, it: int, settings: AttackSettings, match: torch.Tensor) -> None:
+    if progress and (it + 1) % max(1, settings.iterations // 4) == 0:
+        progress(f"restart {restart + 1}/{settings.restarts}, iteration {it + 1}/{settings.iterations}: "
+                 f"matching loss {float(match):.4f}")

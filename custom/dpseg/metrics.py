@@ -36,11 +36,11 @@ def mse(image: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean((image - truth) ** 2))
 
 
-def most_similar(image: np.ndarray, candidates: np.ndarray) -> int:
-    """Index of the candidate (K, H, W) with the highest SSIM to ``image`` (H, W): the attacker's
-    identification of a reconstruction within a cohort of slices."""
-    scores = [ssim(image, c) for c in np.asarray(candidates)]
-    return int(np.argmax(scores))
+def ranking(image: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Indices of the candidates (K, H, W), most similar to ``image`` (H, W) first (by SSIM): the
+    auditor's identification of a reconstruction within a cohort of slices."""
+    scores = np.array([ssim(image, c) for c in np.asarray(candidates)])
+    return np.argsort(-scores, kind="stable")
 
 
 def _same_shape(image: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,8 @@ from dpseg.server import BUNDLE_OUT, ROUNDS_FILE
 
 AUDIT_FILE = "dpseg_audit.json"  # written by dpseg.auditor.AuditController
 REJECTED_FILE = "dpseg_rejected.json"  # written by dpseg.validation.UpdateValidator
-AUDIT_KEYS = ("ssim", "psnr", "mse", "identified", "patient_identified", "baseline_ssim", "chance",
+AUDIT_KEYS = ("ssim", "psnr", "mse", "identified", "patient_identified", "slice_rank", "patient_rank",
+              "baseline_ssim", "baseline_identified", "baseline_patient_identified", "baseline_slice_rank", "chance",
               "patient_chance", "bound_eps_delta", "bound_gdp", "bound_patient_eps_delta", "bound_patient_gdp",
               "seconds")
 
@@ -104,10 +105,11 @@ def summarize_audit(audit: dict) -> dict:
 def format_audit(audit: dict) -> list[str]:
     a = audit.get("attack") or {}
     lines = ["", f"audit (attack at each site: {a.get('iterations')} iterations x {a.get('restarts')} restarts, "
-             f"label {a.get('label')}, {a.get('simulate')}-step): {audit['scored']} updates scored, "
+             f"label {a.get('label')}, {a.get('simulate')}-step, prior {a.get('prior', 'none')}): "
+             f"{audit['scored']} updates scored, "
              f"{audit['empty']} with no patient, {audit['failed']} failed"]
     head = f"{'site':<10}{'round':>6}{'DP':>4}{'epsilon':>9}{'SSIM':>7}{'base':>7}{'PSNR':>7}{'ident':>7}" \
-           f"{'chance':>9}{'bound':>8}{'GDP~':>8}{'pat.id':>8}{'chance':>8}{'bound':>8}{'seconds':>9}"
+           f"{'rank':>7}{'b.rank':>7}{'chance':>9}{'bound':>8}{'GDP~':>8}{'pat.id':>8}{'chance':>8}{'bound':>8}{'seconds':>9}"
     lines += [head, "-" * len(head)]
 
     def cell(row, key, fmt, width):
@@ -120,14 +122,18 @@ def format_audit(audit: dict) -> list[str]:
         dp = {True: "yes", False: "no"}.get(r.get("dp"), "")
         lines.append(f"{r['site']:<10}{r.get('round', ''):>6}{dp:>4}{cell(r, 'epsilon', '.2f', 9)}"
                      f"{cell(r, 'ssim', '.3f', 7)}{cell(r, 'baseline_ssim', '.3f', 7)}{cell(r, 'psnr', '.1f', 7)}"
-                     f"{cell(r, 'identified', '.2f', 7)}{cell(r, 'chance', '.1e', 9)}"
+                     f"{cell(r, 'identified', '.2f', 7)}{cell(r, 'slice_rank', '.0f', 7)}"
+                     f"{cell(r, 'baseline_slice_rank', '.0f', 7)}{cell(r, 'chance', '.1e', 9)}"
                      f"{cell(r, 'bound_eps_delta', '.3f', 8)}{cell(r, 'bound_gdp', '.3f', 8)}"
                      f"{cell(r, 'patient_identified', '.2f', 8)}{cell(r, 'patient_chance', '.3f', 8)}"
                      f"{cell(r, 'bound_patient_eps_delta', '.3f', 8)}"
                      f"{cell(r, 'seconds', '.0f', 9)}")
     lines.append("audit note: SSIM / PSNR of the best reconstruction against the true slice; base: the best "
-                 "uninformed guess (random start, a blank slice of air or the cohort's mean slice); ident: share "
-                 "identified as the true slice among all the site's training slices (chance: 1 / slices); bound: "
+                 "uninformed guess, made without the update (the attack's random start or its prior's guess from "
+                 "public slices, a blank slice of air, or the cohort's mean slice); ident: share identified as the "
+                 "true slice among all the site's training slices (chance: 1 / slices); rank: where the true slice "
+                 "comes when those slices are ranked by similarity to the reconstruction (1: identified), b.rank: "
+                 "the same for the attack's own uninformed guess; bound: "
                  "upper bound on identification success from the update's (epsilon, delta), e^eps * chance + "
                  "delta; GDP~: the same from the central-limit GDP approximation, which can be optimistic for few "
                  "steps; pat.id, chance, bound: the same for the patient (the most similar slice is one of the "

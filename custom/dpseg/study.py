@@ -53,9 +53,12 @@ class Grid:
     minutes_per_run: float | dict[str, float]
     minutes_per_audit: float
 
-    def settings(self) -> dict:
-        """What the results depend on: every field but the planning estimates."""
-        return {k: v for k, v in asdict(self).items() if k not in ("minutes_per_run", "minutes_per_audit")}
+    def settings(self, audit: bool = True) -> dict:
+        """What the results depend on: every field but the planning estimates; a training run's
+        (``audit`` False) not on the audit's fields either."""
+        planning = ("minutes_per_run", "minutes_per_audit")
+        audit_only = ("audit_rounds", "attack_iterations", "attack_restarts")
+        return {k: v for k, v in asdict(self).items() if k not in planning and (audit or k not in audit_only)}
 
     def run_minutes(self, kind: str) -> float:
         """Planned minutes of one training run of ``kind``."""
@@ -65,10 +68,10 @@ class Grid:
 
 GRIDS = {
     "quick": Grid("quick", [16, 16, 16], rounds=4, local_epochs=3.0, batch_size=4, epsilons=[8.0, 3.0, 1.0],
-                  seeds=[0], audit_rounds=2, attack_iterations=200, attack_restarts=1,
+                  seeds=[0], audit_rounds=2, attack_iterations=100, attack_restarts=2,
                   minutes_per_run=1.0, minutes_per_audit=1.2),
     "full": Grid("full", [60, 90, 120], rounds=20, local_epochs=6.0, batch_size=16, epsilons=[8.0, 3.0, 1.0],
-                 seeds=[0, 1, 2], audit_rounds=2, attack_iterations=2000, attack_restarts=1,
+                 seeds=[0, 1, 2], audit_rounds=2, attack_iterations=300, attack_restarts=3,
                  minutes_per_run={"local": 4.5, "pooled": 12.0, "fed": 9.0, "fed_dp": 9.5}, minutes_per_audit=8.0),
 }
 
@@ -127,13 +130,14 @@ class Study:
 RESULT = "result.json"
 
 
-def finished(run: Path, grid: Grid) -> dict | None:
-    """The result kept in ``run/result.json`` by an earlier invocation with the same grid, or None
-    (then ``run`` is emptied: an unfinished run starts again from nothing). A result of another
-    grid is an error: the work folder belongs to that grid."""
+def finished(run: Path, grid: Grid, audit: bool = False) -> dict | None:
+    """The result kept in ``run/result.json`` by an earlier invocation with the same settings (of
+    a training run, or with ``audit`` of an audit), or None (then ``run`` is emptied: an unfinished
+    run starts again from nothing). A result of other settings is an error: the work folder belongs
+    to that grid."""
     path = run / RESULT
     if path.exists():
-        kept, settings = json.loads(path.read_text()), grid.settings()
+        kept, settings = json.loads(path.read_text()), grid.settings(audit)
         if {k: v for k, v in kept.get("grid", {}).items() if k in settings} != settings:
             raise ValueError(f"{path} was written with other study settings ({kept.get('grid')}); use another "
                              f"--work folder or remove {run}")
@@ -242,7 +246,7 @@ def audit_level(study: Study, epsilon: float | None) -> dict:
     on the first two sites; returns the report's audit summary and where the reconstructions are."""
     g = study.grid
     run = audit_folder(study, epsilon)
-    if (done := finished(run, g)) is None:
+    if (done := finished(run, g, audit=True)) is None:
         done = run_audit(study, epsilon, run)
     # example folders are kept relative to the run folder, so a moved work folder still has them
     return {**done, "examples": [str(run / e) for e in done["examples"]]}

@@ -66,7 +66,8 @@ def test_audit_job_scores_at_the_sites_and_only_metrics_reach_the_server(tiny_st
     dp = level != "no_DP"
     ws = max((study.work / "audit" / level).glob("ws*"))  # ws, or ws_rerun if the study ran it again
     audit = build_report(ws)["audit"]
-    assert audit["attack"] == {"iterations": 10, "restarts": 1, "label": "known", "simulate": "single"}
+    assert audit["attack"] == {"iterations": 10, "restarts": 1, "label": "known", "simulate": "single",
+                               "prior": "synthetic", "prior_components": 256}
     rows = audit["updates"]
     assert sorted((r["site"], r["round"]) for r in rows) == [("site-1", 0), ("site-2", 0)]
     assert audit["failed"] == 0
@@ -78,6 +79,8 @@ def test_audit_job_scores_at_the_sites_and_only_metrics_reach_the_server(tiny_st
             continue
         assert REPORT_KEYS <= set(row)
         assert 0 <= row["identified"] <= 1 and row["chance"] == pytest.approx(1 / row["cohort_slices"])
+        assert 1 <= row["slice_rank"] <= row["cohort_slices"] and 1 <= row["baseline_slice_rank"] <= row["cohort_slices"]
+        assert row["prior"] == "synthetic" and row["baseline_ssim"] >= row["baseline_ssim_prior"]
         assert row["patient_chance"] == pytest.approx(1 / row["cohort_patients"]) and row["cohort_patients"] >= 2
         if dp:
             assert 0 < row["epsilon"] <= 8.0 and 0 <= row["bound_gdp"] <= 1 and 0 <= row["bound_eps_delta"] <= 1
@@ -86,7 +89,9 @@ def test_audit_job_scores_at_the_sites_and_only_metrics_reach_the_server(tiny_st
             assert row["bound_gdp"] <= row["bound_patient_gdp"] <= 1
     # reconstructions and figures stay at the sites; the server's run folder holds none
     server = ws / "server"
-    assert not list(server.rglob("*.npy")) and not list(server.rglob("*.png"))
+    assert not list(server.rglob("*.npy")) and not list(server.rglob("*.png")) and not list(server.rglob("*.npz"))
+    # each audited site built the attacker's public prior in its own workspace
+    assert all(list((ws / site / "audit_prior").glob("prior_*.npz")) for site in {r["site"] for r in rows})
     scored = [r for r in rows if r["patients_in_update"]]
     for row in scored:
         folder = next(ws.glob(f"{row['site']}/simulate_job/app_{row['site']}/audit/round{row['round']}"))
