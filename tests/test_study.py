@@ -51,9 +51,10 @@ def test_results_page_and_figures(tmp_path):
     runs = [_run("FL", "fed", 0, 0.9), _run("pooled", "pooled", 0, 0.95), _run("local site-1", "local", 0, 0.7),
             _run("FL+DP eps 8", "fed_dp", 0, 0.8, 8.0), _run("FL+DP eps 1", "fed_dp", 0, 0.6, 1.0)]
     audit = {"level": "no DP", "epsilon": None, "wall_seconds": 10.0, "examples": [str(example)],
-             "summary": {"attack": {"iterations": 20, "restarts": 1, "label": "known"}, "scored": 2,
-                         "mean": {"ssim": 0.3, "baseline_ssim": 0.5, "identified": 0.5, "psnr": 12.0,
-                                  "patient_identified": 1.0, "patient_chance": 0.1}}}
+             "summary": {"attack": {"iterations": 20, "restarts": 1, "label": "known", "prior": "synthetic"},
+                         "scored": 2, "mean": {"ssim": 0.3, "baseline_ssim": 0.5, "identified": 0.5, "psnr": 12.0,
+                                               "slice_rank": 3.5, "baseline_slice_rank": 250.0,
+                                               "patient_identified": 1.0, "patient_chance": 0.1}}}
     results = {"grid": {**GRIDS["quick"].__dict__}, "date": "2026-01-01 00:00 UTC", "machine": "test CPU",
                "sites": ["site-1", "site-2"], "total_minutes": 3.0, "runs": runs, "summary": summarize(runs),
                "audits": [audit]}
@@ -63,8 +64,8 @@ def test_results_page_and_figures(tmp_path):
     md = write_markdown(results, {k: p.relative_to(tmp_path) for k, p in figures.items()})
     assert "| FL+DP eps 8 | 0.750 | 1 seed | 0.800 | 0.700 | 7.99 | 60 |" in md
     assert "Dice gap, FL without DP minus FL with DP: eps 8: +0.100, eps 1: +0.300." in md
-    assert "| no DP | 2 | 0.300 | 0.500 | 12.0 | 0.50 | - | - | - | 1.00 | 0.100 | - | - |" in md
-    assert "the true label mask given to the attacker" in md
+    assert "| no DP | 2 | 0.300 | 0.500 | 12.0 | 0.50 | 4 | 250 | - | - | - | 1.00 | 0.100 | - | - |" in md
+    assert "the true label mask given to the attacker" in md and "prior synthetic" in md
     assert "![Privacy and utility](figures/quick_privacy_utility.png)" in md
     json.dumps(results)  # the results are plain JSON
 

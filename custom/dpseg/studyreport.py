@@ -113,22 +113,27 @@ def write_markdown(results: dict, figures: dict[str, Path]) -> str:
         lines += ["", "## Leakage (gradient inversion of intercepted updates)", "",
                   f"The canonical audit (`jobs/fed_dp_audit`: batch 1, one SGD step per round, {g['audit_rounds']} "
                   f"round(s), sites {', '.join(sites[:2])}; attack {a0.get('iterations')} iterations x "
-                  f"{a0.get('restarts')} restarts, "
+                  f"{a0.get('restarts')} restarts, prior {a0.get('prior', 'none')}, "
                   + ("the true label mask given to the attacker" if a0.get("label") == "known"
                      else "the label mask optimised with the image") + "). Means over scored "
-                  "updates; uninformed SSIM: the best of a random image, a blank slice of air and the cohort's "
-                  "mean slice; identified: the true slice is the most similar among all the site's training "
-                  "slices (chance: 1 / slices); patient identified: that most similar slice is one of the true "
-                  "patient's (chance: 1 / patients); bound: the (epsilon, delta) reconstruction-robustness bound "
-                  "on identification (e^eps x chance + delta), GDP~ its central-limit approximation.", "",
-                  "| level | updates scored | SSIM | uninformed SSIM | PSNR (dB) | identified | chance | bound | GDP~ "
-                  "| patient identified | chance | bound | s / update |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "updates; uninformed SSIM: the best guess made without the update (the attack's random start or "
+                  "its prior's guess from public slices, a blank slice of air, the cohort's mean slice); "
+                  "identified: the true slice is the most similar among all the site's training slices (chance: "
+                  "1 / slices); rank: where the true slice comes among them by similarity to the reconstruction "
+                  "(1: identified), and for the attack's own uninformed guess; patient identified: the most "
+                  "similar slice is one of the true patient's (chance: 1 / patients); bound: the (epsilon, delta) "
+                  "reconstruction-robustness bound on identification (e^eps x chance + delta), GDP~ its "
+                  "central-limit approximation.", "",
+                  "| level | updates scored | SSIM | uninformed SSIM | PSNR (dB) | identified | rank | uninformed rank "
+                  "| chance | bound | GDP~ | patient identified | chance | bound | s / update |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for a in audits:
             s = a["summary"]
             m = s.get("mean", {})
             lines.append(f"| {a['level']} | {s.get('scored', 0)} | {_fmt(m.get('ssim'))} | {_fmt(m.get('baseline_ssim'))} | "
-                         f"{_fmt(m.get('psnr'), '.1f')} | {_fmt(m.get('identified'), '.2f')} | {_fmt(m.get('chance'), '.1e')} | "
+                         f"{_fmt(m.get('psnr'), '.1f')} | {_fmt(m.get('identified'), '.2f')} | "
+                         f"{_fmt(m.get('slice_rank'), '.0f')} | {_fmt(m.get('baseline_slice_rank'), '.0f')} | "
+                         f"{_fmt(m.get('chance'), '.1e')} | "
                          f"{_fmt(m.get('bound_eps_delta'), '.2f')} | {_fmt(m.get('bound_gdp'), '.3f')} | "
                          f"{_fmt(m.get('patient_identified'), '.2f')} | {_fmt(m.get('patient_chance'), '.3f')} | "
                          f"{_fmt(m.get('bound_patient_eps_delta'), '.2f')} | "
