@@ -10,9 +10,10 @@ workspace; only scalar metrics go back to the server.
   the aggregator receives them (after every filter), with the global model each was computed from.
 - ``AuditController`` (server workflow, after training): sends each intercepted update back to its
   site as an ``audit`` task and writes the returned metrics to ``dpseg_audit.json``.
-- ``SiteAuditor`` (site executor): runs the attack and scores it (``audit_update``).
+- ``SiteAuditor`` (site executor): runs the attack, with the attacker's public image prior
+  (``dpseg.prior``, built once in the site's workspace), and scores it (``audit_update``).
 
-The scoring functions (``Cohort``, ``audit_update``) need no NVFlare; ``dpseg audit`` uses them.
+The scoring functions (``score``, ``audit_update``) need no NVFlare; ``dpseg audit`` uses them.
 """
 
 from __future__ import annotations
