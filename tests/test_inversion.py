@@ -219,3 +219,14 @@ def test_prior_attack_estimates_the_training_intensity_shift(setting, public_pri
     unaware = invert(net, loss_fn, update, AttackSettings(**{**settings.__dict__, "intensity_shift": 0.0}), (SIZE, SIZE),
                      label=y, prior=public_prior)
     assert float(unaware.shifts[0]) == 0.0
+
+
+def test_prior_attack_with_a_joint_label_estimates_a_binary_mask(setting, public_prior):
+    net, loss_fn = setting
+    x, y = two_organ_phantom(3)
+    update = one_step_update(net, loss_fn, x, y, lr=0.01)
+    settings = AttackSettings(iterations=5, restarts=2, label="joint", prior="public", prior_components=40,
+                              prior_candidates=0, prior_spread=10)
+    rec = invert(net, loss_fn, update, settings, (SIZE, SIZE), prior=public_prior)
+    assert rec.labels.shape == y.shape and set(rec.labels.unique().tolist()) <= {0.0, 1.0}
+    assert rec.initial_kind == "prior" and rec.images.shape == x.shape and rec.iterations == 10

@@ -2,17 +2,24 @@
 
 What the attacker (an honest-but-curious server) has: the global model the update was computed
 from, the update itself (weight difference, after every site-side filter, noisy under DP), the
-public training settings (local learning rate, local steps, batch size, optimiser) and the loss.
-It does not have the site's images. Under DP it sees only the clipped, noised update; nothing
-else is given to it.
+public training settings (local learning rate, local steps, batch size, optimiser, the random
+intensity shift) and the loss, and it may hold public CT of other people (``dpseg.prior``). It
+does not have the site's images. Under DP it sees only the clipped, noised update; nothing else
+is given to it.
 
 The attack, in the style of Geiping et al. 2020 ("Inverting Gradients"): candidate images (and, in
 the weaker setting, label masks) are optimised so that the update they would produce matches the
 observed one. Matching loss: the mean over parameter tensors of the cosine distance between the
 candidate's and the observed update (tensors whose gradient is structurally zero, such as a
-convolution bias followed by instance norm, are skipped), plus a total-variation prior; Adam with
-signed gradients; a box constraint to [0, 1] (the bundle's intensity window); several restarts,
-keeping the one with the lowest matching loss.
+convolution bias followed by instance norm, are skipped). Two searches:
+
+- with a prior (``_prior_search``): the images are the prior's mean plus a combination of its
+  principal components, plus a per-image intensity shift; starts from public slices ranked by the
+  matching loss; Adam on the coefficients;
+- without (``_pixel_search``): pixels from random starts, plus a total-variation prior; Adam with
+  signed gradients; a box constraint to [0, 1] (the bundle's intensity window).
+
+Either way several restarts, keeping the one with the lowest matching loss.
 
 The attacker's copy of the network has every LeakyReLU replaced by a smooth surrogate,
 ``a x + (1 - a) softplus(beta x) / beta`` with beta annealed geometrically from ``smooth_beta`` to
