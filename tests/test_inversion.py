@@ -230,3 +230,49 @@ def test_prior_attack_with_a_joint_label_estimates_a_binary_mask(setting, public
     rec = invert(net, loss_fn, update, settings, (SIZE, SIZE), prior=public_prior)
     assert rec.labels.shape == y.shape and set(rec.labels.unique().tolist()) <= {0.0, 1.0}
     assert rec.initial_kind == "prior" and rec.images.shape == x.shape and rec.iterations == 10
+
+
+def test_noise_averaging_adds_noise_in_the_body_only_and_scores_with_fixed_draws(setting):
+    from dpseg.inversion import EXACT_DRAWS, Matching
+
+    net, loss_fn = setting
+    x, y = two_organ_phantom(1)
+    shifted = x + 0.03  # air at a training shift, not at 0
+    update = one_step_update(net, loss_fn, shifted, y, lr=0.01)
+    settings = AttackSettings(noise=0.05, noise_draws=3)
+    matching = Matching(net, loss_fn, update, settings, (SIZE, SIZE), torch.Generator().manual_seed(0))
+    copies, targets = matching.noisy(shifted, y, 3, torch.Generator().manual_seed(1))
+    assert copies.shape == (3, 1, SIZE, SIZE) and targets.shape == (3, 1, SIZE, SIZE)
+    air = (x == 0).expand_as(copies)
+    assert torch.equal(copies[air], shifted.expand_as(copies)[air])  # air as it is
+    inside = copies[~air] - shifted.expand_as(copies)[~air]
+    assert 0.04 < float(inside.std()) < 0.06
+    assert matching.exact_loss(shifted, y) == matching.exact_loss(shifted, y)  # the same draws each time
+    many, _ = matching.noisy(shifted, y, EXACT_DRAWS, torch.Generator())
+    assert many.shape[0] == EXACT_DRAWS
+    plain = Matching(net, loss_fn, update, AttackSettings(), (SIZE, SIZE), torch.Generator().manual_seed(0))
+    same, _ = plain.noisy(shifted, y, 3, torch.Generator())
+    assert same is shifted and plain.exact_loss(shifted, y) < 1e-4  # noise 0: the plain update, matched exactly
+
+
+def test_refinement_lowers_the_matching_loss_and_leaves_air_alone(setting):
+    """A prior that never saw a kidney cannot draw it; the refinement adjusts pixels inside the body,
+    and is kept only where the exact matching loss is lower."""
+    from dpseg.prior import ImagePrior
+
+    net, loss_fn = setting
+    pairs = [two_organ_phantom(100 + s) for s in range(120)]
+    without_kidney = torch.cat([p[0] for p in pairs]).clamp(max=0.6)[:, 0].numpy()
+    prior = ImagePrior.fit(without_kidney, torch.cat([p[1] for p in pairs])[:, 0].numpy(), components=40)
+    x, y = two_organ_phantom(1)
+    update = one_step_update(net, loss_fn, x, y, lr=0.01)
+    runs = {}
+    for refine in (0, 200):
+        settings = AttackSettings(iterations=100, restarts=1, prior="public", prior_components=40, prior_candidates=20,
+                                  prior_spread=20, refine_iterations=refine, refine_step=0.01)
+        runs[refine] = invert(net, loss_fn, update, settings, (SIZE, SIZE), label=y, prior=prior)
+    before, after = runs[0], runs[200]
+    assert after.iterations == 300 and before.iterations == 100
+    assert after.matching_loss < 0.8 * before.matching_loss, (before.matching_loss, after.matching_loss)
+    air = before.images == before.images.min()
+    assert torch.equal(after.images[air], before.images[air])

@@ -162,8 +162,8 @@ def step_time_ratios(batch_size: int = 16, repeats: int = 7, threads: int | None
 
 
 def attack_time(overrides: dict | None = None, prior_patients: tuple[int, ...] | None = None) -> dict:
-    """Seconds of the audit job's default attack (its server config's iterations x restarts and
-    prior; ``overrides`` change them) on one update of the bundle network (one slice, one SGD step
+    """Seconds of the audit job's default attack (its server config's iterations x restarts,
+    prior, noise averaging and refinement; ``overrides`` change them) on one update of the bundle network (one slice, one SGD step
     of learning rate 0.01 at the initial model, known mask): building the synthetic prior (done
     once per site workspace, then kept) and attacking the update."""
     from dpseg.inversion import AttackSettings, invert
@@ -171,9 +171,8 @@ def attack_time(overrides: dict | None = None, prior_patients: tuple[int, ...] |
     from dpseg.prior import PUBLIC_PATIENTS, load_prior, synthetic_prior
 
     server = json.loads((JOBS_DIR / "fed_dp_audit" / SERVER_CONFIG).read_text())
-    attack = {"iterations": server["attack_iterations"], "restarts": server["attack_restarts"],
-              "prior": server["attack_prior"], "prior_components": server["attack_prior_components"],
-              **(overrides or {})}
+    fields = ("iterations", "restarts", "prior", "prior_components", "noise", "noise_draws", "refine_iterations")
+    attack = {**{f: server[f"attack_{f}"] for f in fields}, **(overrides or {})}
     bundle = Bundle()
     network, loss_fn = bundle.network(), bundle.loss()
     x, y = _batch(bundle, 1)

@@ -197,7 +197,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     training = {**(meta.get("training") or {}), **{k: v for k, v in given.items() if v}}
     settings = attack_settings(training, iterations=args.iterations, restarts=args.restarts, label=args.label,
                                simulate=args.simulate, seed=args.seed, prior=args.prior,
-                               prior_components=args.prior_components, intensity_shift=bundle.intensity_shift())
+                               prior_components=args.prior_components, noise=args.noise, noise_draws=args.noise_draws,
+                               refine_iterations=args.refine_iterations, intensity_shift=bundle.intensity_shift())
     with tempfile.TemporaryDirectory() as scratch:
         try:
             prior = load_prior(args.prior, Path(args.prior_dir or args.out or scratch), bundle.volume_transforms(),
@@ -310,11 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for the reconstruction, the truth and comparison.png")
     p.add_argument("--json", help="also write the metrics to this JSON file")
     p.add_argument("--iterations", type=int, default=300, help="per restart (default 300; 2000 suits --prior none)")
-    p.add_argument("--restarts", type=int, default=3)
+    p.add_argument("--restarts", type=int, default=1)
     p.add_argument("--prior", default="synthetic",
                    help="the attacker's public image prior: 'synthetic' (a public synthetic cohort, seed of its own; "
                         "default), 'none' (search pixels), or a public datalist")
     p.add_argument("--prior-components", type=int, default=256)
+    p.add_argument("--noise", type=float, default=0.03,
+                   help="image noise the attacker assumes in the site's slices (window units; 0: match the plain update)")
+    p.add_argument("--noise-draws", type=int, default=2, help="noisy copies averaged per iteration (default 2)")
+    p.add_argument("--refine-iterations", type=int, default=200,
+                   help="last stage of the prior search: pixels inside the body (default 200; 0: none)")
     p.add_argument("--prior-dir", help="where the synthetic prior is built and kept (default: --out, else a temporary folder)")
     p.add_argument("--label", choices=["known", "joint"], default="known")
     p.add_argument("--simulate", choices=["single", "unroll"], default="single")

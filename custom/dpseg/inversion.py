@@ -51,6 +51,8 @@ from dpseg.prior import ImagePrior
 
 LABEL_MODES = ("known", "joint")
 SHIFT_STEP = 0.002  # Adam step of the estimated intensity shift (window units)
+EXACT_DRAWS = 8  # noisy copies (the same draws for every candidate) behind the exact matching loss
+AIR_MARGIN = 0.01  # pixels within this of an image's minimum (window units) are air: no noise, no refinement
 SIMULATIONS = ("single", "unroll")
 
 
@@ -69,7 +71,12 @@ class AttackSettings:
     prior: "none" (search pixels) or the name of the attacker's public image prior
     (``dpseg.prior``), with prior_components (its principal components), prior_candidates (public
     slices with the masks closest to the known one) and prior_spread (public slices spread through
-    the set) as starting candidates.
+    the set) as starting candidates; noise: the standard deviation (window units) of the image
+    noise the attacker assumes in the site's slices (0: match the update of the candidate itself;
+    > 0: match the update averaged over ``noise_draws`` noisy copies of it, so that the search looks
+    for the anatomy rather than for a noise pattern); refine_iterations, refine_step: a last stage
+    of the prior search that adjusts the kept reconstruction's pixels inside the body (Adam,
+    ``refine_step`` per iteration; 0: none).
     """
 
     iterations: int = 2000
@@ -89,14 +96,20 @@ class AttackSettings:
     prior_components: int = 256
     prior_candidates: int = 20
     prior_spread: int = 60
+    noise: float = 0.0
+    noise_draws: int = 4
+    refine_iterations: int = 0
+    refine_step: float = 0.005
 
     def __post_init__(self):
         if self.label not in LABEL_MODES:
             raise ValueError(f"label must be one of {LABEL_MODES}, got {self.label!r}")
         if self.simulate not in SIMULATIONS:
             raise ValueError(f"simulate must be one of {SIMULATIONS}, got {self.simulate!r}")
-        if self.iterations < 1 or self.restarts < 1 or self.batch_size < 1 or self.local_steps < 1:
-            raise ValueError(f"iterations, restarts, batch_size and local_steps must be >= 1: {asdict(self)}")
+        if self.iterations < 1 or self.restarts < 1 or self.batch_size < 1 or self.local_steps < 1 \
+                or self.noise_draws < 1 or self.refine_iterations < 0 or self.noise < 0:
+            raise ValueError("iterations, restarts, batch_size, local_steps and noise_draws must be >= 1, "
+                             f"refine_iterations and noise >= 0: {asdict(self)}")
         if self.prior != "none" and min(self.prior_components, self.prior_candidates + self.prior_spread) < 1:
             raise ValueError(f"a prior needs prior_components >= 1 and starting candidates: {asdict(self)}")
 
@@ -104,7 +117,8 @@ class AttackSettings:
 @dataclass
 class Reconstruction:
     """images (B, 1, H, W) in [0, 1]; labels (B, 1, H, W) in {0, 1} (known or estimated);
-    matching_loss of the kept restart; seconds of wall time; iterations in all restarts;
+    matching_loss of the kept restart; seconds of wall time; iterations in all restarts and the
+    refinement;
     initial (B, 1, H, W): the guess made without the update, the uninformed baseline (the first
     random start, or the prior's guess); initial_kind: "random" or "prior"; shifts (B,): the
     estimated random intensity shift in each image (``images - shifts`` is the attacker's estimate
@@ -225,10 +239,19 @@ def informative(model: UpdateModel, shape: tuple[int, ...], generator: torch.Gen
     return [bool(n > 1e-5 * norms.max()) for n in norms]
 
 
+def body(images: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) -> 1.0 where a pixel is above its image's air level (the minimum + AIR_MARGIN)."""
+    air = images.detach().flatten(1).amin(1).view(-1, 1, 1, 1)
+    return (images.detach() > air + AIR_MARGIN).float()
+
+
 class Matching:
     """The attack's objective for one update: the cosine distance between the update candidate
     images would produce and the observed one (informative tensors only), on the attacker's smooth
-    copy of the network (``loss``, differentiable) or on the exact network (``exact``, to choose)."""
+    copy of the network (``loss``, differentiable) or on the exact network (``exact``, to choose).
+    With ``settings.noise`` > 0 the candidate's update is averaged over noisy copies of it (noise in
+    the body only; air is clipped to the window's bound in a CT slice): fresh draws at each
+    ``loss``, the same EXACT_DRAWS draws at every ``exact_loss``."""
 
     def __init__(self, network: torch.nn.Module, loss_fn: torch.nn.Module, update: dict[str, torch.Tensor],
                  settings: AttackSettings, image_shape: tuple[int, int], generator: torch.Generator):
@@ -244,6 +267,18 @@ class Matching:
         self.keep = informative(self.model, self.shape, generator)
         self.observed = [o for o, k in zip(observed_descent(update, self.model.names), self.keep) if k]
         self.joint_loss = one_hot_loss(loss_fn) if settings.label == "joint" else None
+        self.draws = torch.Generator().manual_seed(settings.seed + 1)
+
+    def noisy(self, images: torch.Tensor, target: torch.Tensor, draws: int,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``draws`` noisy copies of each image (B * draws, 1, H, W) and the matching targets; the
+        images themselves without noise. The batch's mean loss over the copies has, per image,
+        the mean of the copies' gradients."""
+        if self.settings.noise <= 0:
+            return images, target
+        copies = images.repeat_interleave(draws, 0)
+        noise = torch.randn(copies.shape, generator=generator) * self.settings.noise
+        return copies + noise * body(copies), target.repeat_interleave(draws, 0)
 
     def anneal(self, iteration: int, iterations: int) -> None:
         """Geometric annealing of the surrogate's beta towards the exact activation."""
@@ -253,12 +288,14 @@ class Matching:
             surrogate.beta = start * (end / start) ** (iteration / max(1, iterations - 1))
 
     def loss(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        images, target = self.noisy(images, target, self.settings.noise_draws, self.draws)
         candidate = self.model.descent(images, target, self.settings, self.joint_loss)
         return cosine_distance([c for c, k in zip(candidate, self.keep) if k], self.observed)
 
     def exact_loss(self, images: torch.Tensor, target: torch.Tensor) -> float:
-        candidate = self.exact.descent(images.detach(), target.detach(), self.settings, self.joint_loss,
-                                       create_graph=False)
+        fixed = torch.Generator().manual_seed(self.settings.seed + 2)
+        images, target = self.noisy(images.detach(), target.detach(), EXACT_DRAWS, fixed)
+        candidate = self.exact.descent(images, target, self.settings, self.joint_loss, create_graph=False)
         return float(cosine_distance([c.detach() for c, k in zip(candidate, self.keep) if k], self.observed))
 
 
@@ -282,7 +319,8 @@ def invert(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dict[str,
     matching = Matching(network, loss_fn, update, settings, image_shape, generator)
     search = _pixel_search if prior is None else partial(_prior_search, prior=prior)
     loss, images, labels, initial, shifts = search(matching, label, generator, progress)
-    return Reconstruction(images, labels, loss, time.perf_counter() - start, settings.iterations * settings.restarts,
+    iterations = settings.iterations * settings.restarts + (settings.refine_iterations if prior is not None else 0)
+    return Reconstruction(images, labels, loss, time.perf_counter() - start, iterations,
                           initial, "random" if prior is None else "prior", shifts)
 
 
@@ -396,8 +434,37 @@ def _prior_search(matching: Matching, label: torch.Tensor | None, generator: tor
             _report(progress, restart, it, settings, match)
             if (it + 1) % 50 == 0 or it + 1 == settings.iterations:
                 best = keep_if_better(best)
+    if settings.refine_iterations:
+        best = _refine(matching, best, label, progress)
     loss, images, labels, shifts = best
     return loss, images, labels, initial, shifts
+
+
+def _refine(matching: Matching, best: tuple, label: torch.Tensor | None, progress) -> tuple:
+    """Adjust the kept reconstruction's pixels inside the body (air stays as it is): Adam on a
+    residual, with the surrogate at its final sharpness; the exact matching loss, checked every 50
+    iterations, keeps the refinement only where it fits better. ``best``: (loss, images, masks,
+    shifts) as the search keeps them."""
+    settings = matching.settings
+    images, masks = best[1], best[2]
+    target = _as_target(masks, label)
+    inside = body(images)
+    residual = torch.zeros_like(images, requires_grad=True)
+    optimiser = torch.optim.Adam([residual], lr=settings.refine_step)
+    matching.anneal(1, 2)
+    for it in range(settings.refine_iterations):
+        match = matching.loss(images + residual * inside, target)
+        optimiser.zero_grad()
+        match.backward()
+        optimiser.step()
+        if progress and (it + 1) % max(1, settings.refine_iterations // 4) == 0:
+            progress(f"refinement, iteration {it + 1}/{settings.refine_iterations}: matching loss {float(match):.4f}")
+        if (it + 1) % 50 == 0 or it + 1 == settings.refine_iterations:
+            candidate = (images + residual * inside).detach()
+            final = matching.exact_loss(candidate, target)
+            if final < best[0]:
+                best = (final, candidate.clone(), *best[2:])
+    return best
 
 
 def _as_target(masks: torch.Tensor, label: torch.Tensor | None) -> torch.Tensor:

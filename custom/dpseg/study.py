@@ -48,6 +48,7 @@ class Grid:
     audit_rounds: int
     attack_iterations: int
     attack_restarts: int
+    attack_refine_iterations: int
     # planning estimates (measured on the 2-core CPU machine): minutes per training run, for every
     # arm kind or per kind (local / pooled / fed / fed_dp), and per audit; not part of the settings
     minutes_per_run: float | dict[str, float]
@@ -57,7 +58,7 @@ class Grid:
         """What the results depend on: every field but the planning estimates; a training run's
         (``audit`` False) not on the audit's fields either."""
         planning = ("minutes_per_run", "minutes_per_audit")
-        audit_only = ("audit_rounds", "attack_iterations", "attack_restarts")
+        audit_only = ("audit_rounds", "attack_iterations", "attack_restarts", "attack_refine_iterations")
         return {k: v for k, v in asdict(self).items() if k not in planning and (audit or k not in audit_only)}
 
     def run_minutes(self, kind: str) -> float:
@@ -68,10 +69,10 @@ class Grid:
 
 GRIDS = {
     "quick": Grid("quick", [16, 16, 16], rounds=4, local_epochs=3.0, batch_size=4, epsilons=[8.0, 3.0, 1.0],
-                  seeds=[0], audit_rounds=2, attack_iterations=100, attack_restarts=2,
+                  seeds=[0], audit_rounds=2, attack_iterations=100, attack_restarts=1, attack_refine_iterations=50,
                   minutes_per_run=1.0, minutes_per_audit=2.3),
     "full": Grid("full", [60, 90, 120], rounds=20, local_epochs=6.0, batch_size=16, epsilons=[8.0, 3.0, 1.0],
-                 seeds=[0, 1, 2], audit_rounds=2, attack_iterations=300, attack_restarts=3,
+                 seeds=[0, 1, 2], audit_rounds=2, attack_iterations=300, attack_restarts=1, attack_refine_iterations=200,
                  minutes_per_run={"local": 4.5, "pooled": 12.0, "fed": 9.0, "fed_dp": 9.5}, minutes_per_audit=8.0),
 }
 
@@ -259,7 +260,8 @@ def run_audit(study: Study, epsilon: float | None, run: Path) -> dict:
     g = study.grid
     started = time.perf_counter()
     server = {"num_rounds": g.audit_rounds, "attack_iterations": g.attack_iterations,
-              "attack_restarts": g.attack_restarts, "dp": epsilon is not None}
+              "attack_restarts": g.attack_restarts, "attack_refine_iterations": g.attack_refine_iterations,
+              "dp": epsilon is not None}
     client = {"dp": epsilon is not None, "sampling": "poisson" if epsilon is not None else "fixed"}
     if epsilon is not None:
         server["target_epsilon"] = client["target_epsilon"] = epsilon
