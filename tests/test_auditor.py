@@ -69,10 +69,11 @@ def test_audit_cli_on_a_saved_update(bundle, cohort, tmp_path):
     # with a prior from public slices: here the other site's patients stand in for public CT
     public = cohort / "site-2" / "datalist.json"
     result = run_cli("audit", *common, "--iterations", "4", "--restarts", "2", "--prior", str(public),
-                     "--prior-components", "16", "--json", str(tmp_path / "p.json"))
+                     "--prior-components", "16", "--refine-iterations", "3", "--noise-draws", "1",
+                     "--json", str(tmp_path / "p.json"))
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "p.json").read_text())
-    assert metrics["prior"] == str(public) and metrics["iterations"] == 8
+    assert metrics["prior"] == str(public) and metrics["iterations"] == 4 * 2 + 3
     assert {"baseline_ssim_prior", "baseline_identified", "baseline_slice_rank"} <= set(metrics)
     assert metrics["baseline_ssim"] >= metrics["baseline_ssim_prior"] > 0.2  # a public CT slice, not noise
     assert 1 <= metrics["baseline_patient_rank"] <= metrics["baseline_slice_rank"] <= metrics["cohort_slices"]

@@ -11,11 +11,14 @@ The attack, in the style of Geiping et al. 2020 ("Inverting Gradients"): candida
 the weaker setting, label masks) are optimised so that the update they would produce matches the
 observed one. Matching loss: the mean over parameter tensors of the cosine distance between the
 candidate's and the observed update (tensors whose gradient is structurally zero, such as a
-convolution bias followed by instance norm, are skipped). Two searches:
+convolution bias followed by instance norm, are skipped). With ``noise`` > 0 the candidate's
+update is averaged over noisy copies of it: a site's slice carries scanner noise, most of a
+convolution's weight gradient comes from that fine texture, and matched plainly a smooth candidate
+is pulled towards whatever mimics the texture rather than towards the anatomy. Two searches:
 
 - with a prior (``_prior_search``): the images are the prior's mean plus a combination of its
   principal components, plus a per-image intensity shift; starts from public slices ranked by the
-  matching loss; Adam on the coefficients;
+  matching loss; Adam on the coefficients; then (``_refine``) Adam on the pixels inside the body;
 - without (``_pixel_search``): pixels from random starts, plus a total-variation prior; Adam with
   signed gradients; a box constraint to [0, 1] (the bundle's intensity window).
 

@@ -114,6 +114,9 @@ def write_markdown(results: dict, figures: dict[str, Path]) -> str:
                   f"The canonical audit (`jobs/fed_dp_audit`: batch 1, one SGD step per round, {g['audit_rounds']} "
                   f"round(s), sites {', '.join(sites[:2])}; attack {a0.get('iterations')} iterations x "
                   f"{a0.get('restarts')} restarts, prior {a0.get('prior', 'none')}, "
+                  + (f"then {a0['refine_iterations']} refinement iterations, " if a0.get("refine_iterations") else "")
+                  + (f"the update matched averaged over image noise of {a0['noise']} ({a0.get('noise_draws')} draws), "
+                     if a0.get("noise") else "")
                   + ("the true label mask given to the attacker" if a0.get("label") == "known"
                      else "the label mask optimised with the image") + "). Means over scored "
                   "updates; uninformed SSIM: the best guess made without the update (the attack's random start or "
