@@ -163,9 +163,10 @@ def step_time_ratios(batch_size: int = 16, repeats: int = 7, threads: int | None
 
 def attack_time(overrides: dict | None = None, prior_patients: tuple[int, ...] | None = None) -> dict:
     """Seconds of the audit job's default attack (its server config's iterations x restarts,
-    prior, noise averaging and refinement; ``overrides`` change them) on one update of the bundle network (one slice, one SGD step
-    of learning rate 0.01 at the initial model, known mask): building the synthetic prior (done
-    once per site workspace, then kept) and attacking the update."""
+    prior, noise averaging and refinement; ``overrides`` change them) on one update of the bundle
+    network (one slice, one SGD step of learning rate 0.01 at the initial model, known mask):
+    building the synthetic prior (done once per site workspace, then kept) and attacking the
+    update."""
     from dpseg.inversion import AttackSettings, invert
     from dpseg.jobs import JOBS_DIR, SERVER_CONFIG
     from dpseg.prior import PUBLIC_PATIENTS, load_prior, synthetic_prior

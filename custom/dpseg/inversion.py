@@ -274,9 +274,9 @@ class Matching:
 
     def noisy(self, images: torch.Tensor, target: torch.Tensor, draws: int,
               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``draws`` noisy copies of each image (B * draws, 1, H, W) and the matching targets; the
-        images themselves without noise. The batch's mean loss over the copies has, per image,
-        the mean of the copies' gradients."""
+        """``draws`` noisy copies of each image (B * draws, 1, H, W) and their targets (with noise
+        0: the images and targets as they are). The loss of that batch (a mean over its images)
+        has as gradient, per image, the mean of its copies' gradients."""
         if self.settings.noise <= 0:
             return images, target
         copies = images.repeat_interleave(draws, 0)
