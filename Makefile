@@ -59,7 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python -m dpseg.bench --attack --fl --json bench.json
 
 # The privacy-utility study (local, pooled, FL, FL+DP at epsilon 8, 3, 1, and the audit at each):
-# docs/results.md and docs/figures/. The full grid takes hours on a 2-core CPU; study-quick ~15 min.
+# docs/results.md and docs/figures/. The full grid takes hours on a 2-core CPU; study-quick ~22 min.
 study: $(STAMP)
 	$(BIN)/dpseg study --grid full --out docs
 

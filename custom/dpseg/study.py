@@ -70,10 +70,10 @@ class Grid:
 GRIDS = {
     "quick": Grid("quick", [16, 16, 16], rounds=4, local_epochs=3.0, batch_size=4, epsilons=[8.0, 3.0, 1.0],
                   seeds=[0], audit_rounds=2, attack_iterations=100, attack_restarts=1, attack_refine_iterations=50,
-                  minutes_per_run=1.0, minutes_per_audit=2.3),
+                  minutes_per_run=1.0, minutes_per_audit=3.0),
     "full": Grid("full", [60, 90, 120], rounds=20, local_epochs=6.0, batch_size=16, epsilons=[8.0, 3.0, 1.0],
                  seeds=[0, 1, 2], audit_rounds=2, attack_iterations=300, attack_restarts=1, attack_refine_iterations=200,
-                 minutes_per_run={"local": 4.5, "pooled": 12.0, "fed": 9.0, "fed_dp": 9.5}, minutes_per_audit=8.0),
+                 minutes_per_run={"local": 4.5, "pooled": 12.0, "fed": 9.0, "fed_dp": 9.5}, minutes_per_audit=6.5),
 }
 
 
