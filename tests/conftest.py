@@ -19,6 +19,17 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE_DIR = REPO / "bundles" / "ct_liver_seg"
 
 
+@pytest.fixture(autouse=True)
+def _grouped_on_one_worker(request: pytest.FixtureRequest) -> None:
+    """Under ``--dist loadgroup`` a test marked ``xdist_group`` must carry its group in its id (that is
+    how pytest-xdist keeps the group on one worker); where it does not, every worker would set up the
+    group's session fixtures again (the tiny study: minutes each), so fail before that."""
+    grouped = getattr(request.config.option, "loadgroup", False)  # set in pytest-xdist's workers
+    if grouped and request.node.get_closest_marker("xdist_group") and "@" not in request.node.nodeid:
+        pytest.fail(f"--dist loadgroup does not group {request.node.nodeid} with this pytest / pytest-xdist "
+                    "pair (pytest-xdist issue 1386): install the versions pyproject.toml allows", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory) -> Path:
     """Two sites of six patients each (seed 7), written once per test session; treat as read-only."""
