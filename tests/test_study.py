@@ -93,6 +93,18 @@ def test_a_finished_run_is_kept_an_unfinished_one_starts_again(tmp_path):
         finished(audit, stronger, audit=True)
 
 
+def test_a_study_refuses_kept_audits_of_another_attack_before_it_starts(tmp_path, cohort):
+    from dpseg.study import audit_folder, keep, run_study
+
+    grid, messages = GRIDS["quick"], []
+    study = Study(grid, cohort, tmp_path / "work", tmp_path / "out", progress=messages.append)
+    audit_folder(study, None).mkdir(parents=True)
+    keep(audit_folder(study, None), replace(grid, attack_iterations=grid.attack_iterations + 1), {"level": "no DP"})
+    with pytest.raises(ValueError, match="no_DP/result.json was written with other study settings"):
+        run_study(study)
+    assert messages == [] and not (tmp_path / "work" / "seed0").exists()  # nothing announced, nothing trained
+
+
 def test_the_estimate_is_per_arm_kind_where_measured():
     full = GRIDS["full"]
     assert full.run_minutes("pooled") > full.run_minutes("local")

@@ -131,18 +131,25 @@ class Study:
 RESULT = "result.json"
 
 
-def finished(run: Path, grid: Grid, audit: bool = False) -> dict | None:
+def kept_result(run: Path, grid: Grid, audit: bool = False) -> dict | None:
     """The result kept in ``run/result.json`` by an earlier invocation with the same settings (of
-    a training run, or with ``audit`` of an audit), or None (then ``run`` is emptied: an unfinished
-    run starts again from nothing). A result of other settings is an error: the work folder belongs
-    to that grid."""
+    a training run, or with ``audit`` of an audit), or None where there is none. A result of other
+    settings is an error: the work folder belongs to that grid."""
     path = run / RESULT
-    if path.exists():
-        kept, settings = json.loads(path.read_text()), grid.settings(audit)
-        if {k: v for k, v in kept.get("grid", {}).items() if k in settings} != settings:
-            raise ValueError(f"{path} was written with other study settings ({kept.get('grid')}); use another "
-                             f"--work folder or remove {run}")
-        return kept["result"]
+    if not path.exists():
+        return None
+    kept, settings = json.loads(path.read_text()), grid.settings(audit)
+    if {k: v for k, v in kept.get("grid", {}).items() if k in settings} != settings:
+        raise ValueError(f"{path} was written with other study settings ({kept.get('grid')}); use another "
+                         f"--work folder or remove {run}")
+    return kept["result"]
+
+
+def finished(run: Path, grid: Grid, audit: bool = False) -> dict | None:
+    """``kept_result``, or None after emptying ``run`` (an unfinished run starts again from nothing)."""
+    result = kept_result(run, grid, audit)
+    if result is not None:
+        return result
     if run.exists():
         shutil.rmtree(run)
     run.mkdir(parents=True)
@@ -308,8 +315,9 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True) ->
     plan = [(arm, seed) for seed in g.seeds for arm in arms]
     levels = [None] + list(g.epsilons) if audit else []
     planned = [g.run_minutes(arm.kind) for arm, _ in plan]
-    kept_runs = [(arm_folder(study, arm, seed) / RESULT).exists() for arm, seed in plan]
-    kept_audits = [(audit_folder(study, level) / RESULT).exists() for level in levels]
+    # every kept result is checked before anything starts: one of other settings stops the study here
+    kept_runs = [kept_result(arm_folder(study, arm, seed), g) is not None for arm, seed in plan]
+    kept_audits = [kept_result(audit_folder(study, level), g, audit=True) is not None for level in levels]
     estimate = sum(m for m, k in zip(planned, kept_runs) if not k) + kept_audits.count(False) * g.minutes_per_audit
     kept_note = f", {sum(kept_runs)} runs and {sum(kept_audits)} audits kept from earlier" if any(kept_runs + kept_audits) else ""
     study.progress(f"study '{g.name}': {len(plan)} training runs and {len(levels)} audits{kept_note}; estimated "
