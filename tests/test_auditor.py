@@ -69,7 +69,7 @@ def test_audit_cli_on_a_saved_update(bundle, cohort, tmp_path):
     # with a prior from public slices: here the other site's patients stand in for public CT
     public = cohort / "site-2" / "datalist.json"
     result = run_cli("audit", *common, "--iterations", "4", "--restarts", "2", "--prior", str(public),
-                     "--prior-components", "16", "--refine-iterations", "3", "--noise", "0",
+                     "--prior-components", "16", "--prior-candidates", "5", "--refine-iterations", "3", "--noise", "0",
                      "--json", str(tmp_path / "p.json"))
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "p.json").read_text())

@@ -172,7 +172,8 @@ def attack_time(overrides: dict | None = None, prior_patients: tuple[int, ...] |
     from dpseg.prior import PUBLIC_PATIENTS, load_prior, synthetic_prior
 
     server = json.loads((JOBS_DIR / "fed_dp_audit" / SERVER_CONFIG).read_text())
-    fields = ("iterations", "restarts", "prior", "prior_components", "noise", "noise_draws", "refine_iterations")
+    fields = ("iterations", "restarts", "prior", "prior_components", "prior_candidates", "noise", "noise_draws",
+              "refine_iterations")
     attack = {**{f: server[f"attack_{f}"] for f in fields}, **(overrides or {})}
     bundle = Bundle()
     network, loss_fn = bundle.network(), bundle.loss()

@@ -197,7 +197,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
     training = {**(meta.get("training") or {}), **{k: v for k, v in given.items() if v}}
     settings = attack_settings(training, iterations=args.iterations, restarts=args.restarts, label=args.label,
                                simulate=args.simulate, seed=args.seed, prior=args.prior,
-                               prior_components=args.prior_components, noise=args.noise, noise_draws=args.noise_draws,
+                               prior_components=args.prior_components, prior_candidates=args.prior_candidates,
+                               noise=args.noise, noise_draws=args.noise_draws,
                                refine_iterations=args.refine_iterations, intensity_shift=bundle.intensity_shift())
     with tempfile.TemporaryDirectory() as scratch:
         try:
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the attacker's public image prior: 'synthetic' (a public synthetic cohort, seed of its own; "
                         "default), 'none' (search pixels), or a public datalist")
     p.add_argument("--prior-components", type=int, default=256)
+    p.add_argument("--prior-candidates", type=int, default=20,
+                   help="public slices with the masks closest to the known one, ranked as starting points (default 20)")
     p.add_argument("--noise", type=float, default=0.03,
                    help="image noise the attacker assumes in the site's slices (window units; 0: match the plain update)")
     p.add_argument("--noise-draws", type=int, default=2, help="noisy copies averaged per iteration (default 2)")
