@@ -19,15 +19,19 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE_DIR = REPO / "bundles" / "ct_liver_seg"
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _grouped_on_one_worker(request: pytest.FixtureRequest) -> None:
     """Under ``--dist loadgroup`` a test marked ``xdist_group`` must carry its group in its id (that is
     how pytest-xdist keeps the group on one worker); where it does not, every worker would set up the
-    group's session fixtures again (the tiny study: minutes each), so fail before that."""
-    grouped = getattr(request.config.option, "loadgroup", False)  # set in pytest-xdist's workers
-    if grouped and request.node.get_closest_marker("xdist_group") and "@" not in request.node.nodeid:
-        pytest.fail(f"--dist loadgroup does not group {request.node.nodeid} with this pytest / pytest-xdist "
-                    "pair (pytest-xdist issue 1386): install the versions pyproject.toml allows", pytrace=False)
+    group's session fixtures again (the tiny study: minutes each). Checked once per worker, before any
+    other session fixture: every test there then errors instead."""
+    if not getattr(request.config.option, "loadgroup", False):  # set in pytest-xdist's workers
+        return
+    lost = [item.nodeid for item in request.session.items
+            if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+    if lost:
+        pytest.fail(f"--dist loadgroup does not group {lost[0]} with this pytest / pytest-xdist pair "
+                    "(pytest-xdist issue 1386): install the versions pyproject.toml allows", pytrace=False)
 
 
 @pytest.fixture(scope="session")
