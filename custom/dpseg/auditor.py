@@ -242,14 +242,13 @@ class AuditController(Controller):
 
     def __init__(self, interceptor_id: str = "interceptor", task_name: str = AUDIT_TASK, iterations: int = 300,
                  restarts: int = 1, label: str = "known", simulate: str = "single", prior: str = "synthetic",
-                 prior_components: int = 256, prior_candidates: int = 20, noise: float = 0.03, noise_draws: int = 2, refine_iterations: int = 200,
-                 task_timeout: int = 0):
+                 prior_components: int = 256, prior_candidates: int = 20, noise: float = 0.03, noise_draws: int = 2,
+                 refine_iterations: int = 200, task_timeout: int = 0):
         super().__init__()
         self.interceptor_id, self.task_name, self.task_timeout = interceptor_id, task_name, task_timeout
         self.attack = {"iterations": iterations, "restarts": restarts, "label": label, "simulate": simulate,
                        "prior": prior, "prior_components": prior_components, "prior_candidates": prior_candidates,
-                       "noise": noise,
-                       "noise_draws": noise_draws, "refine_iterations": refine_iterations}
+                       "noise": noise, "noise_draws": noise_draws, "refine_iterations": refine_iterations}
         AttackSettings(**self.attack)  # refuse bad settings when the job starts
         self.results: list[dict] = []
         self.lock = threading.Lock()

@@ -162,19 +162,18 @@ def step_time_ratios(batch_size: int = 16, repeats: int = 7, threads: int | None
 
 
 def attack_time(overrides: dict | None = None, prior_patients: tuple[int, ...] | None = None) -> dict:
-    """Seconds of the audit job's default attack (its server config's iterations x restarts,
-    prior, noise averaging and refinement; ``overrides`` change them) on one update of the bundle
-    network (one slice, one SGD step of learning rate 0.01 at the initial model, known mask):
-    building the synthetic prior (done once per site workspace, then kept) and attacking the
-    update."""
+    """Seconds of the audit job's default attack (every ``attack_*`` setting of its server config:
+    iterations x restarts, prior, noise averaging, refinement, ...; ``overrides`` change them) on
+    one update of the bundle network (one slice, one SGD step of learning rate 0.01 at the initial
+    model, known mask): building the synthetic prior (done once per site workspace, then kept) and
+    attacking the update."""
     from dpseg.inversion import AttackSettings, invert
     from dpseg.jobs import JOBS_DIR, SERVER_CONFIG
     from dpseg.prior import PUBLIC_PATIENTS, load_prior, synthetic_prior
 
     server = json.loads((JOBS_DIR / "fed_dp_audit" / SERVER_CONFIG).read_text())
-    fields = ("iterations", "restarts", "prior", "prior_components", "prior_candidates", "noise", "noise_draws",
-              "refine_iterations")
-    attack = {**{f: server[f"attack_{f}"] for f in fields}, **(overrides or {})}
+    job_attack = {k.removeprefix("attack_"): v for k, v in server.items() if k.startswith("attack_")}
+    attack = {**job_attack, **(overrides or {})}
     bundle = Bundle()
     network, loss_fn = bundle.network(), bundle.loss()
     x, y = _batch(bundle, 1)
