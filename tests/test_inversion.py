@@ -89,6 +89,9 @@ def test_bad_settings_are_refused():
         AttackSettings(label="guess")
     with pytest.raises(ValueError, match="simulate"):
         AttackSettings(simulate="magic")
+    for bad in ({"warp_grid": 1}, {"warp_grid": -2}, {"warp_step": 0.0}):
+        with pytest.raises(ValueError, match="warp_grid 0 or >= 2"):
+            AttackSettings(**bad)
 
 
 def test_metrics_and_identification():
@@ -138,14 +141,15 @@ def test_smooth_surrogate_makes_the_matching_loss_differentiable(bundle):
     assert torch.allclose(out, net(x), atol=1e-3)
 
 
-def two_organ_phantom(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def two_organ_phantom(seed: int, body_radius: float = 7.0) -> tuple[torch.Tensor, torch.Tensor]:
     """A 16 x 16 slice with a 'liver' (its mask) and a 'kidney' placed independently of it: the
-    mask does not tell where the kidney is; only the image (or its gradient) does."""
+    mask does not tell where the kidney is; only the image (or its gradient) does. ``body_radius``
+    in pixels."""
     g = torch.Generator().manual_seed(seed)
     yy, xx = torch.meshgrid(torch.arange(SIZE), torch.arange(SIZE), indexing="ij")
     ly, lx = 5 + torch.randint(0, 3, (2,), generator=g)
     ky, kx = 9 + torch.randint(0, 4, (2,), generator=g)
-    body = ((yy - 7.5) ** 2 + (xx - 7.5) ** 2) < 7 ** 2
+    body = ((yy - 7.5) ** 2 + (xx - 7.5) ** 2) < body_radius ** 2
     liver = ((yy - ly) ** 2 / 6 + (xx - lx) ** 2 / 4) < 1
     kidney = ((yy - ky) ** 2 + (xx - kx) ** 2) < 2.5
     image = 0.3 * body + 0.3 * liver + 0.5 * kidney
@@ -168,6 +172,18 @@ def _prior_attack(net, loss_fn, update, y, prior):
     return invert(net, loss_fn, update, settings, (SIZE, SIZE), label=y, prior=prior)
 
 
+def _prior_variants(setting, x, y, prior, iterations: int, variants: dict) -> dict:
+    """The prior attack (40 components, 20 + 20 starting slices, 1 restart, ``iterations``) on the
+    plain one-step update of (x, y), once per variant (name: further settings)."""
+    net, loss_fn = setting
+    update = one_step_update(net, loss_fn, x, y, lr=0.01)
+    return {name: invert(net, loss_fn, update,
+                         AttackSettings(iterations=iterations, restarts=1, prior="public", prior_components=40,
+                                        prior_candidates=20, prior_spread=20, **extra),
+                         (SIZE, SIZE), label=y, prior=prior)
+            for name, extra in variants.items()}
+
+
 def test_prior_attack_finds_what_the_mask_does_not_tell(setting, public_prior):
     net, loss_fn = setting
     gains = []
@@ -180,6 +196,28 @@ def test_prior_attack_finds_what_the_mask_does_not_tell(setting, public_prior):
         assert found > 0.9, (seed, found, guess)
         gains.append(found - guess)
     assert max(gains) > 0.1 and min(gains) > -0.02, gains
+
+
+def test_warp_moves_identity_and_shifts_by_the_field():
+    from dpseg.inversion import warp
+
+    x, _ = two_organ_phantom(1)
+    assert torch.equal(warp(x, torch.zeros(1, 2, 0, 0)), x)
+    assert torch.allclose(warp(x, torch.zeros(1, 2, 4, 4)), x, atol=1e-6)
+    field = torch.zeros(1, 2, 4, 4)
+    field[:, 0] = 2 / SIZE  # sample one pixel to the right everywhere: the image moves one pixel left
+    moved = warp(x, field)
+    assert torch.allclose(moved[..., :-1], x[..., 1:], atol=1e-5)
+
+
+def test_warp_fits_an_anatomy_the_prior_never_saw(setting, public_prior):
+    """The public slices all have a body of radius 7; a patient's body of radius 5.5 is out of the
+    prior's reach, but a deformed public slice can take its shape."""
+    x, y = two_organ_phantom(1, body_radius=5.5)
+    runs = _prior_variants(setting, x, y, public_prior, 150, {0: {"warp_grid": 0}, 4: {"warp_grid": 4, "warp_step": 0.01}})
+    fit = {g: ssim(r.images[0, 0].numpy(), x[0, 0].numpy()) for g, r in runs.items()}
+    assert runs[4].matching_loss < 0.8 * runs[0].matching_loss, (runs[0].matching_loss, runs[4].matching_loss)
+    assert fit[4] > fit[0] + 0.05, fit
 
 
 def test_dp_noise_defeats_the_prior_attack(setting, public_prior):
@@ -260,17 +298,11 @@ def test_refinement_lowers_the_matching_loss_and_leaves_air_alone(setting):
     and is kept only where the exact matching loss is lower."""
     from dpseg.prior import ImagePrior
 
-    net, loss_fn = setting
     pairs = [two_organ_phantom(100 + s) for s in range(120)]
     without_kidney = torch.cat([p[0] for p in pairs]).clamp(max=0.6)[:, 0].numpy()
     prior = ImagePrior.fit(without_kidney, torch.cat([p[1] for p in pairs])[:, 0].numpy(), components=40)
     x, y = two_organ_phantom(1)
-    update = one_step_update(net, loss_fn, x, y, lr=0.01)
-    runs = {}
-    for refine in (0, 200):
-        settings = AttackSettings(iterations=100, restarts=1, prior="public", prior_components=40, prior_candidates=20,
-                                  prior_spread=20, refine_iterations=refine, refine_step=0.01)
-        runs[refine] = invert(net, loss_fn, update, settings, (SIZE, SIZE), label=y, prior=prior)
+    runs = _prior_variants(setting, x, y, prior, 100, {r: {"refine_iterations": r, "refine_step": 0.01} for r in (0, 200)})
     before, after = runs[0], runs[200]
     assert after.iterations == 300 and before.iterations == 100
     assert after.matching_loss < 0.8 * before.matching_loss, (before.matching_loss, after.matching_loss)

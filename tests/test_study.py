@@ -87,10 +87,14 @@ def test_a_finished_run_is_kept_an_unfinished_one_starts_again(tmp_path):
     assert finished(run, stronger) == kept
     audit = tmp_path / "audit" / "no_DP"
     assert finished(audit, grid, audit=True) is None
-    keep(audit, grid, {"level": "no DP"})
+    keep(audit, grid, {"level": "no DP", "summary": {"attack": grid.attack()}})
     assert finished(audit, grid, audit=True)["level"] == "no DP"
     with pytest.raises(ValueError, match="other study settings"):
         finished(audit, stronger, audit=True)
+    # the attack the audit ran (the audit job's arguments, which the grid does not hold) must be today's
+    keep(audit, grid, {"level": "no DP", "summary": {"attack": {**grid.attack(), "warp_grid": 4}}})
+    with pytest.raises(ValueError, match="an audit with another attack"):
+        finished(audit, grid, audit=True)
 
 
 def test_a_study_refuses_kept_audits_of_another_attack_before_it_starts(tmp_path, cohort):

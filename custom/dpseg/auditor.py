@@ -237,18 +237,20 @@ class AuditController(Controller):
 
     iterations, restarts, label ("known" / "joint"), simulate ("single" / "unroll"), prior
     ("synthetic", "none" or a public datalist's path at the sites), prior_components, prior_candidates,
-    noise, noise_draws, refine_iterations: the attack (see ``dpseg.inversion.AttackSettings``).
+    noise, noise_draws, refine_iterations, warp_grid, warp_step: the attack (see
+    ``dpseg.inversion.AttackSettings``).
     """
 
     def __init__(self, interceptor_id: str = "interceptor", task_name: str = AUDIT_TASK, iterations: int = 300,
                  restarts: int = 1, label: str = "known", simulate: str = "single", prior: str = "synthetic",
                  prior_components: int = 256, prior_candidates: int = 20, noise: float = 0.03, noise_draws: int = 2,
-                 refine_iterations: int = 200, task_timeout: int = 0):
+                 refine_iterations: int = 200, warp_grid: int = 0, warp_step: float = 0.01, task_timeout: int = 0):
         super().__init__()
         self.interceptor_id, self.task_name, self.task_timeout = interceptor_id, task_name, task_timeout
         self.attack = {"iterations": iterations, "restarts": restarts, "label": label, "simulate": simulate,
                        "prior": prior, "prior_components": prior_components, "prior_candidates": prior_candidates,
-                       "noise": noise, "noise_draws": noise_draws, "refine_iterations": refine_iterations}
+                       "noise": noise, "noise_draws": noise_draws, "refine_iterations": refine_iterations,
+                       "warp_grid": warp_grid, "warp_step": warp_step}
         AttackSettings(**self.attack)  # refuse bad settings when the job starts
         self.results: list[dict] = []
         self.lock = threading.Lock()

@@ -168,12 +168,10 @@ def attack_time(overrides: dict | None = None, prior_patients: tuple[int, ...] |
     model, known mask): building the synthetic prior (done once per site workspace, then kept) and
     attacking the update."""
     from dpseg.inversion import AttackSettings, invert
-    from dpseg.jobs import JOBS_DIR, SERVER_CONFIG
+    from dpseg.jobs import job_attack
     from dpseg.prior import PUBLIC_PATIENTS, load_prior, synthetic_prior
 
-    server = json.loads((JOBS_DIR / "fed_dp_audit" / SERVER_CONFIG).read_text())
-    job_attack = {k.removeprefix("attack_"): v for k, v in server.items() if k.startswith("attack_")}
-    attack = {**job_attack, **(overrides or {})}
+    attack = {**job_attack(), **(overrides or {})}
     bundle = Bundle()
     network, loss_fn = bundle.network(), bundle.loss()
     x, y = _batch(bundle, 1)

@@ -154,7 +154,15 @@ def cmd_study(args: argparse.Namespace) -> int:
     note = f"the sites' datalists in {cohort.name}/" if args.data else \
         f"synthetic cohort (dpseg synth, seed 0; {', '.join(map(str, grid.patients))} patients per site)"
     study = Study(grid, cohort, work, Path(args.out), progress=lambda m: print(m, flush=True), cohort_note=note)
-    run_study(study, only=set(args.only.split(",")) if args.only else None, audit=not args.no_audit)
+    if args.audits_only and (args.only or args.no_audit):
+        print("error: --audits-only trains nothing: it goes with neither --only nor --no-audit", file=sys.stderr)
+        return 2
+    try:
+        run_study(study, only=set(args.only.split(",")) if args.only else None, audit=not args.no_audit,
+                  audits_only=args.audits_only)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -199,7 +207,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                simulate=args.simulate, seed=args.seed, prior=args.prior,
                                prior_components=args.prior_components, prior_candidates=args.prior_candidates,
                                noise=args.noise, noise_draws=args.noise_draws,
-                               refine_iterations=args.refine_iterations, intensity_shift=bundle.intensity_shift())
+                               refine_iterations=args.refine_iterations, warp_grid=args.warp_grid,
+                               warp_step=args.warp_step, intensity_shift=bundle.intensity_shift())
     with tempfile.TemporaryDirectory() as scratch:
         try:
             prior = load_prior(args.prior, Path(args.prior_dir or args.out or scratch), bundle.volume_transforms(),
@@ -292,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs", help="where results*.md, study_<grid>.json and figures/ go (default docs)")
     p.add_argument("--only", help="comma-separated arm kinds to train: local,pooled,fed,fed_dp (default all)")
     p.add_argument("--no-audit", action="store_true", help="skip the leakage audits")
+    p.add_argument("--audits-only", action="store_true",
+                   help="run the audits alone (after a change of the attack): the training runs are those of "
+                        "OUT/study_<grid>.json, which must have the same training settings and cohort")
     p.set_defaults(func=cmd_study)
 
     p = sub.add_parser("evaluate", help="Dice of the bundle's model on whole 3D volumes of a split")
@@ -324,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-draws", type=int, default=2, help="noisy copies averaged per iteration (default 2)")
     p.add_argument("--refine-iterations", type=int, default=200,
                    help="last stage of the prior search: pixels inside the body (default 200; 0: none)")
+    p.add_argument("--warp-grid", type=int, default=0,
+                   help="control points per side of a smooth deformation of the prior's image (default 0: none)")
+    p.add_argument("--warp-step", type=float, default=0.01, help="the deformation's Adam step (default 0.01)")
     p.add_argument("--prior-dir", help="where the synthetic prior is built and kept (default: --out, else a temporary folder)")
     p.add_argument("--label", choices=["known", "joint"], default="known")
     p.add_argument("--simulate", choices=["single", "unroll"], default="single")

@@ -74,10 +74,13 @@ class AttackSettings:
     prior: "none" (search pixels) or the name of the attacker's public image prior
     (``dpseg.prior``), with prior_components (its principal components), prior_candidates (public
     slices with the masks closest to the known one) and prior_spread (public slices spread through
-    the set) as starting candidates; noise: the standard deviation (window units) of the image
-    noise the attacker assumes in the site's slices (0: match the update of the candidate itself;
-    > 0: match the update averaged over ``noise_draws`` noisy copies of it, so that the search looks
-    for the anatomy rather than for a noise pattern); refine_iterations, refine_step: a last stage
+    the set) as starting candidates; warp_grid: control points per side of a smooth displacement
+    field that deforms the prior's image, so that a public slice's anatomy can be moved onto the
+    patient's (0: none), warp_step: the field's Adam step (half the image width = 1); noise: the
+    standard deviation (window units) of the image noise the attacker assumes in the site's slices
+    (0: match the update of the candidate itself; > 0: match the update averaged over
+    ``noise_draws`` noisy copies of it, so that the search looks for the anatomy rather than for a
+    noise pattern); refine_iterations, refine_step: a last stage
     of the prior search that adjusts the kept reconstruction's pixels inside the body (Adam,
     ``refine_step`` per iteration; 0: none).
     """
@@ -103,6 +106,8 @@ class AttackSettings:
     noise_draws: int = 4
     refine_iterations: int = 0
     refine_step: float = 0.005
+    warp_grid: int = 0
+    warp_step: float = 0.01
 
     def __post_init__(self):
         if self.label not in LABEL_MODES:
@@ -110,9 +115,11 @@ class AttackSettings:
         if self.simulate not in SIMULATIONS:
             raise ValueError(f"simulate must be one of {SIMULATIONS}, got {self.simulate!r}")
         if self.iterations < 1 or self.restarts < 1 or self.batch_size < 1 or self.local_steps < 1 \
-                or self.noise_draws < 1 or self.refine_iterations < 0 or self.noise < 0:
+                or self.noise_draws < 1 or min(self.refine_iterations, self.noise, self.warp_grid) < 0 \
+                or self.warp_grid == 1 or self.warp_step <= 0:
             raise ValueError("iterations, restarts, batch_size, local_steps and noise_draws must be >= 1, "
-                             f"refine_iterations and noise >= 0: {asdict(self)}")
+                             "refine_iterations and noise >= 0, warp_grid 0 or >= 2, warp_step > 0: "
+                             f"{asdict(self)}")
         if self.prior != "none" and min(self.prior_components, self.prior_candidates + self.prior_spread) < 1:
             raise ValueError(f"a prior needs prior_components >= 1 and starting candidates: {asdict(self)}")
 
@@ -369,7 +376,8 @@ def _prior_search(matching: Matching, label: torch.Tensor | None, generator: tor
     """Search in the prior's coefficients. Starting points: public slices (those whose mask is
     closest to the known one, and slices spread through the public set), ranked by the exact
     matching loss; restart r starts from each image's r-th best. Adam on the coefficients, on a
-    per-image intensity shift within +-``intensity_shift`` (and on the mask logits, for
+    per-image intensity shift within +-``intensity_shift``, on a smooth displacement field that
+    deforms the prior's image (``warp_grid`` > 0; ``warp``) (and on the mask logits, for
     ``label="joint"``) with a cosine-annealed step; the exact matching loss,
     checked every 50 iterations, picks the result. ``initial``: the prior's guess without the
     update (the public slice whose mask is closest to the known one; the public mean image for a
@@ -405,6 +413,9 @@ def _prior_search(matching: Matching, label: torch.Tensor | None, generator: tor
         z = prior.encode(prior.slices[picks]).clone().requires_grad_(True)
         shift = torch.zeros(batch, requires_grad=True)
         groups = [{"params": [z]}, {"params": [shift], "lr": SHIFT_STEP}]
+        field = torch.zeros(batch, 2, settings.warp_grid, settings.warp_grid, requires_grad=True)
+        if settings.warp_grid:
+            groups.append({"params": [field], "lr": settings.warp_step})
         mask_logits = None
         if label is None:
             mask_logits = (4.0 * (2 * torch.from_numpy(prior.labels[picks])[:, None] - 1)).requires_grad_(True)
@@ -413,7 +424,7 @@ def _prior_search(matching: Matching, label: torch.Tensor | None, generator: tor
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, settings.iterations, eta_min=settings.step_size / 100)
 
         def image() -> torch.Tensor:
-            return prior.decode(z) + shift.clamp(-bound, bound).view(-1, 1, 1, 1)
+            return warp(prior.decode(z), field) + shift.clamp(-bound, bound).view(-1, 1, 1, 1)
 
         def keep_if_better(best):
             with torch.no_grad():
@@ -441,6 +452,20 @@ def _prior_search(matching: Matching, label: torch.Tensor | None, generator: tor
         best = _refine(matching, best, label, progress)
     loss, images, labels, shifts = best
     return loss, images, labels, initial, shifts
+
+
+def warp(images: torch.Tensor, field: torch.Tensor) -> torch.Tensor:
+    """``images`` (B, 1, H, W) resampled (bilinear) at positions displaced by ``field`` (B, 2, G, G):
+    x and y displacements at G x G control points, in units of half the image width and height,
+    interpolated bicubically to every pixel; outside the image, the border's value (air). G = 0:
+    the images as they are."""
+    if field.shape[-1] == 0:
+        return images
+    identity = torch.nn.functional.affine_grid(torch.eye(2, 3).expand(len(images), 2, 3), list(images.shape),
+                                               align_corners=False)
+    dense = torch.nn.functional.interpolate(field, size=images.shape[-2:], mode="bicubic", align_corners=True)
+    return torch.nn.functional.grid_sample(images, identity + dense.permute(0, 2, 3, 1), mode="bilinear",
+                                           padding_mode="border", align_corners=False)
 
 
 def _refine(matching: Matching, best: tuple, label: torch.Tensor | None, progress) -> tuple:

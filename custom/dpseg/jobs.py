@@ -23,6 +23,13 @@ SERVER_CONFIG = Path("app") / "config" / "config_fed_server.json"
 CLIENT_CONFIG = Path("app") / "config" / "config_fed_client.json"
 
 
+def job_attack(job: Path = JOBS_DIR / "fed_dp_audit") -> dict:
+    """The audit job's attack settings: every ``attack_*`` argument of its server config, without
+    the prefix (iterations, restarts, prior, ...; see ``dpseg.inversion.AttackSettings``)."""
+    server = json.loads((job / SERVER_CONFIG).read_text())
+    return {k.removeprefix("attack_"): v for k, v in server.items() if k.startswith("attack_")}
+
+
 def find_component(config: dict, marker: str) -> dict:
     """The first component, workflow or executor whose id is ``marker`` or whose path contains it."""
     items = config.get("components", []) + config.get("workflows", []) + \

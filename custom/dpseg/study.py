@@ -61,6 +61,14 @@ class Grid:
         audit_only = ("audit_rounds", "attack_iterations", "attack_restarts", "attack_refine_iterations")
         return {k: v for k, v in asdict(self).items() if k not in planning and (audit or k not in audit_only)}
 
+    def attack(self) -> dict:
+        """The attack the audits run: the audit job's defaults with this grid's iterations,
+        restarts and refinement iterations."""
+        from dpseg.jobs import job_attack
+
+        return {**job_attack(), "iterations": self.attack_iterations, "restarts": self.attack_restarts,
+                "refine_iterations": self.attack_refine_iterations}
+
     def run_minutes(self, kind: str) -> float:
         """Planned minutes of one training run of ``kind``."""
         m = self.minutes_per_run
@@ -142,6 +150,9 @@ def kept_result(run: Path, grid: Grid, audit: bool = False) -> dict | None:
     if {k: v for k, v in kept.get("grid", {}).items() if k in settings} != settings:
         raise ValueError(f"{path} was written with other study settings ({kept.get('grid')}); use another "
                          f"--work folder or remove {run}")
+    if audit and (ran := kept["result"].get("summary", {}).get("attack")) != grid.attack():
+        raise ValueError(f"{path} is an audit with another attack ({ran}) than the audit job's now "
+                         f"({grid.attack()}); use another --work folder or remove {run}")
     return kept["result"]
 
 
@@ -307,11 +318,31 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.machine()}, no GPU used"
 
 
-def run_study(study: Study, only: set[str] | None = None, audit: bool = True) -> dict:
+def published_runs(study: Study) -> list[dict]:
+    """The training runs of the study's results in its out folder (``study_<grid>.json``), checked
+    to have this grid's training settings and cohort."""
+    path = study.out / f"study_{study.grid.name}.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: the audits alone can only be rerun for a study whose "
+                                "results are there")
+    published = json.loads(path.read_text())
+    settings = study.grid.settings(audit=False)
+    if {k: v for k, v in published.get("grid", {}).items() if k in settings} != settings \
+            or published.get("cohort") != study.cohort_note:
+        raise ValueError(f"{path} holds a study of other training settings or another cohort "
+                         f"({published.get('grid')}, {published.get('cohort')}); its runs cannot be kept")
+    return published["runs"]
+
+
+def run_study(study: Study, only: set[str] | None = None, audit: bool = True, audits_only: bool = False) -> dict:
     """Run the grid (arms whose kind is in ``only``, all by default), then the audits; writes the
-    results and returns them."""
+    results and returns them. ``audits_only``: train nothing; the training runs are those of the
+    results already in the out folder (``published_runs``), the audits are run (or kept) anew."""
     g = study.grid
-    arms = [a for a in study.arms() if not only or a.kind in only]
+    if audits_only and not audit:
+        raise ValueError("audits_only with audit off leaves nothing to run")
+    published = published_runs(study) if audits_only else []
+    arms = [a for a in study.arms() if (not only or a.kind in only) and not audits_only]
     plan = [(arm, seed) for seed in g.seeds for arm in arms]
     levels = [None] + list(g.epsilons) if audit else []
     planned = [g.run_minutes(arm.kind) for arm, _ in plan]
@@ -319,10 +350,15 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True) ->
     kept_runs = [kept_result(arm_folder(study, arm, seed), g) is not None for arm, seed in plan]
     kept_audits = [kept_result(audit_folder(study, level), g, audit=True) is not None for level in levels]
     estimate = sum(m for m, k in zip(planned, kept_runs) if not k) + kept_audits.count(False) * g.minutes_per_audit
-    kept_note = f", {sum(kept_runs)} runs and {sum(kept_audits)} audits kept from earlier" if any(kept_runs + kept_audits) else ""
-    study.progress(f"study '{g.name}': {len(plan)} training runs and {len(levels)} audits{kept_note}; estimated "
-                   f"{estimate:.0f} min to go on a 2-core CPU (work folder {study.work})")
-    runs, new_minutes, new_planned = [], 0.0, 0.0
+    if audits_only:
+        what = (f"the {len(levels)} audits alone, {sum(kept_audits)} kept from earlier (training runs: the "
+                f"{len(published)} of {study.out / f'study_{g.name}.json'})")
+    else:
+        kept_note = f", {sum(kept_runs)} runs and {sum(kept_audits)} audits kept from earlier" if any(kept_runs + kept_audits) else ""
+        what = f"{len(plan)} training runs and {len(levels)} audits{kept_note}"
+    study.progress(f"study '{g.name}': {what}; estimated {estimate:.0f} min to go on a 2-core CPU "
+                   f"(work folder {study.work})")
+    runs, new_minutes, new_planned = list(published), 0.0, 0.0
     for n, (arm, seed) in enumerate(plan, 1):
         study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed} ...")
         started = time.perf_counter()

@@ -60,6 +60,32 @@ def test_tiny_study_trains_scores_audits_and_writes_the_results(tiny_study, coho
     assert examples and all(e.is_relative_to(moved) and (e / "reconstruction.npy").exists() for e in examples)
 
 
+def test_the_audits_alone_keep_the_published_training_runs(tiny_study, cohort, monkeypatch):
+    study, results, _ = tiny_study
+    messages = []
+    alone = run_study(Study(GRID, cohort, study.work, study.out, progress=messages.append), audits_only=True)
+    assert messages[0].startswith("study 'tiny': the 2 audits alone, 2 kept from earlier (training runs: the 1 of "
+                                  f"{study.out / 'study_tiny.json'}); estimated 0 min to go")
+    assert not any(m.startswith("[1/") for m in messages)  # nothing trained
+    assert alone["runs"] == results["runs"] and alone["audits"] == results["audits"]
+    # runs of other training settings, or no published study, are refused before anything starts
+    before = len(messages)
+    other = Grid(**{**GRID.__dict__, "rounds": 2})
+    with pytest.raises(ValueError, match="other training settings"):
+        run_study(Study(other, cohort, study.work, study.out, progress=messages.append), audits_only=True)
+    with pytest.raises(FileNotFoundError, match="study_tiny.json is missing"):
+        run_study(Study(GRID, cohort, study.work, study.out.parent / "empty", progress=messages.append),
+                  audits_only=True)
+    # a kept audit of another attack than the audit job's now is refused too
+    from dpseg import jobs
+
+    now = jobs.job_attack()
+    monkeypatch.setattr(jobs, "job_attack", lambda: {**now, "warp_grid": 4})
+    with pytest.raises(ValueError, match="an audit with another attack"):
+        run_study(Study(GRID, cohort, study.work, study.out, progress=messages.append), audits_only=True)
+    assert len(messages) == before  # the refused ones wrote nothing
+
+
 @pytest.mark.parametrize("level", ["no_DP", "eps_8"])
 def test_audit_job_scores_at_the_sites_and_only_metrics_reach_the_server(tiny_study, level):
     study, _, _ = tiny_study
@@ -68,7 +94,8 @@ def test_audit_job_scores_at_the_sites_and_only_metrics_reach_the_server(tiny_st
     audit = build_report(ws)["audit"]
     assert audit["attack"] == {"iterations": 10, "restarts": 1, "label": "known", "simulate": "single",
                                "prior": "synthetic", "prior_components": 256, "prior_candidates": 20,
-                               "noise": 0.03, "noise_draws": 2, "refine_iterations": 10}
+                               "noise": 0.03, "noise_draws": 2, "refine_iterations": 10, "warp_grid": 0,
+                               "warp_step": 0.01}
     rows = audit["updates"]
     assert sorted((r["site"], r["round"]) for r in rows) == [("site-1", 0), ("site-2", 0)]
     assert audit["failed"] == 0
