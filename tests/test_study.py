@@ -114,3 +114,15 @@ def test_the_estimate_is_per_arm_kind_where_measured():
     assert full.run_minutes("pooled") > full.run_minutes("local")
     assert replace(full, minutes_per_run=2).run_minutes("fed_dp") == 2.0
     assert replace(full, minutes_per_run={"fed": 3.0}).run_minutes("local") == 3.0  # unknown kind: the largest
+
+
+def test_the_study_command_refuses_audits_alone_without_published_runs(cohort, tmp_path):
+    from conftest import run_cli
+
+    mixed = run_cli("study", "--quick", "--audits-only", "--only", "fed", cwd=tmp_path)
+    assert mixed.returncode == 2 and "--audits-only trains nothing" in mixed.stderr
+    assert not (tmp_path / "study_quick").exists()  # refused before writing a cohort
+    missing = run_cli("study", "--quick", "--audits-only", "--data", str(cohort), "--work", str(tmp_path / "work"),
+                      "--out", str(tmp_path / "out"))
+    assert missing.returncode == 2 and "study_quick.json is missing" in missing.stderr, missing.stderr
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())  # nothing started

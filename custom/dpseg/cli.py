@@ -142,21 +142,21 @@ def cmd_resume_job(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from dpseg.study import GRIDS, Study, run_study
 
+    if args.audits_only and (args.only or args.no_audit):
+        print("error: --audits-only trains nothing: it goes with neither --only nor --no-audit", file=sys.stderr)
+        return 2
     grid = GRIDS[args.grid]
     work = Path(args.work or f"study_{grid.name}")
     cohort = Path(args.data) if args.data else work / "cohort"
     if not args.data and not (cohort / "datalist.json").exists():
         print(f"writing the synthetic cohort ({', '.join(map(str, grid.patients))} patients) to {cohort}", flush=True)
         write_synthetic(cohort, len(grid.patients), grid.patients, seed=0)
-    if not (cohort / "datalist.json").exists():
+    if not (cohort / "datalist.json").exists() and not args.audits_only:
         print(f"error: {cohort / 'datalist.json'} (all sites pooled) is missing; the pooled arm needs it", file=sys.stderr)
         return 2
     note = f"the sites' datalists in {cohort.name}/" if args.data else \
         f"synthetic cohort (dpseg synth, seed 0; {', '.join(map(str, grid.patients))} patients per site)"
     study = Study(grid, cohort, work, Path(args.out), progress=lambda m: print(m, flush=True), cohort_note=note)
-    if args.audits_only and (args.only or args.no_audit):
-        print("error: --audits-only trains nothing: it goes with neither --only nor --no-audit", file=sys.stderr)
-        return 2
     try:
         run_study(study, only=set(args.only.split(",")) if args.only else None, audit=not args.no_audit,
                   audits_only=args.audits_only)
