@@ -94,3 +94,16 @@ def test_privacy_bounds_for_the_slice_and_for_the_patient():
     assert bounds["bound_patient_eps_delta"] == pytest.approx(2.718281828 * 0.1 + 1e-5)
     assert bounds["bound_gdp"] < bounds["bound_patient_gdp"] < 1
     assert "bound_patient_eps_delta" not in privacy_bounds(dp, 1e-3)  # no patient count, no patient bound
+
+
+def test_the_audit_workflow_takes_the_jobs_attack_and_refuses_what_sites_set():
+    from dpseg.auditor import AuditController
+    from dpseg.jobs import job_attack
+
+    assert AuditController(**job_attack()).attack == job_attack()
+    with pytest.raises(ValueError, match="batch_size.*set by each site"):
+        AuditController(iterations=5, batch_size=2)
+    with pytest.raises(TypeError, match="iteratons"):
+        AuditController(iteratons=5)
+    with pytest.raises(ValueError, match="warp_grid 0 or >= 2"):
+        AuditController(warp_grid=1)

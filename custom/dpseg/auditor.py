@@ -235,22 +235,21 @@ class AuditController(Controller):
     """After training, sends every intercepted update back to its site as an ``audit`` task and
     writes the sites' metrics (scalars only) to ``<server run>/dpseg_audit.json``.
 
-    iterations, restarts, label ("known" / "joint"), simulate ("single" / "unroll"), prior
-    ("synthetic", "none" or a public datalist's path at the sites), prior_components, prior_candidates,
-    noise, noise_draws, refine_iterations, warp_grid, warp_step: the attack (see
-    ``dpseg.inversion.AttackSettings``).
+    ``attack``: the attack's settings as the job gives them, ``dpseg.inversion.AttackSettings``
+    fields (iterations, restarts, label, simulate, prior, ...; the audit job sets every one it
+    exposes, the rest take AttackSettings' defaults), except those each site sets from its own
+    training (``SITE_SET``).
     """
 
-    def __init__(self, interceptor_id: str = "interceptor", task_name: str = AUDIT_TASK, iterations: int = 300,
-                 restarts: int = 1, label: str = "known", simulate: str = "single", prior: str = "synthetic",
-                 prior_components: int = 256, prior_candidates: int = 20, noise: float = 0.03, noise_draws: int = 2,
-                 refine_iterations: int = 200, warp_grid: int = 0, warp_step: float = 0.01, task_timeout: int = 0):
+    SITE_SET = ("local_steps", "local_lr", "batch_size", "intensity_shift")
+
+    def __init__(self, interceptor_id: str = "interceptor", task_name: str = AUDIT_TASK, task_timeout: int = 0,
+                 **attack):
         super().__init__()
         self.interceptor_id, self.task_name, self.task_timeout = interceptor_id, task_name, task_timeout
-        self.attack = {"iterations": iterations, "restarts": restarts, "label": label, "simulate": simulate,
-                       "prior": prior, "prior_components": prior_components, "prior_candidates": prior_candidates,
-                       "noise": noise, "noise_draws": noise_draws, "refine_iterations": refine_iterations,
-                       "warp_grid": warp_grid, "warp_step": warp_step}
+        if site_set := sorted(set(attack) & set(self.SITE_SET)):
+            raise ValueError(f"{site_set}: set by each site from its training, not by the audit job")
+        self.attack = dict(attack)
         AttackSettings(**self.attack)  # refuse bad settings when the job starts
         self.results: list[dict] = []
         self.lock = threading.Lock()
