@@ -364,12 +364,14 @@ class SiteAuditor(Executor):
         if key not in self.priors:  # built once per site workspace (kept in <site root>/audit_prior)
             self.priors[key] = load_prior(key[0], root / "audit_prior", bundle.volume_transforms(), key[1],
                                           progress=lambda m: self.log_info(fl_ctx, m))
-        metrics = self._audit(dxo, batches, bundle, app_dir / "audit" / f"round{current_round}", fl_ctx,
+        metrics = self._audit(dxo, attack, batches, bundle, app_dir / "audit" / f"round{current_round}", fl_ctx,
                               self.priors[key])
         return DXO(DataKind.METRICS, data=metrics).to_shareable()
 
-    def _audit(self, dxo: DXO, batches: list[dict], bundle: Bundle, out_dir: Path, fl_ctx: FLContext,
+    def _audit(self, dxo: DXO, attack: dict, batches: list[dict], bundle: Bundle, out_dir: Path, fl_ctx: FLContext,
                prior: ImagePrior | None) -> dict:
+        """Attack the update in ``dxo`` with the job's ``attack`` settings and score it against the
+        first of the round's ``batches``; scalar metrics."""
         training, privacy = dxo.get_meta_prop("training") or {}, dxo.get_meta_prop("privacy")
         if len(batches) != 1:
             self.log_warning(fl_ctx, f"{len(batches)} local steps in the audited round: scoring the first batch")
@@ -377,11 +379,11 @@ class SiteAuditor(Executor):
         if not batch["patients"]:
             self.log_info(fl_ctx, "no patient in the audited update (empty Poisson sample): nothing to reconstruct")
             return {"patients_in_update": 0, **privacy_bounds(privacy, None)}
-        attack = attack_settings(training, **dxo.get_meta_prop("attack"), intensity_shift=bundle.intensity_shift())
+        settings = attack_settings(training, **attack, intensity_shift=bundle.intensity_shift())
         network = bundle.network()
         network.load_state_dict({k: torch.as_tensor(v) for k, v in dxo.data["global"].items()}, strict=True)
         update = {k: torch.as_tensor(v) for k, v in dxo.data["update"].items()}
-        metrics = audit_update(network, bundle.loss(), update, attack, batch["images"], batch["labels"], self.cohort,
+        metrics = audit_update(network, bundle.loss(), update, settings, batch["images"], batch["labels"], self.cohort,
                                batch["patients"], privacy, out_dir, progress=lambda m: self.log_info(fl_ctx, m),
                                prior=prior)
         self.log_info(fl_ctx, f"audit: SSIM {metrics['ssim']:.3f} (baseline {metrics['baseline_ssim']:.3f}), "
