@@ -23,6 +23,7 @@ def test_attack_time_reads_the_audit_jobs_default_attack():
     out = attack_time({"iterations": 2, "restarts": 1, "prior_components": 8, "refine_iterations": 1, "noise": 0.0},
                       prior_patients=(3,))
     assert out["attack"]["prior"] == "synthetic" and out["attack"]["iterations"] == 2
-    assert out["attack"]["noise_draws"] == 2 and out["attack"]["prior_candidates"] == 20  # the job's, not overridden
+    assert out["attack"]["noise_draws"] == 4 and out["attack"]["prior_candidates"] == 20  # the job's, not overridden
+    assert out["attack"]["warp_grid"] == 6
     assert out["seconds_per_update"] > 0 and out["prior_build_seconds"] > 0
     assert out["seconds_per_iteration"] == out["seconds_per_update"] / 3

@@ -333,11 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="public slices with the masks closest to the known one, ranked as starting points (default 20)")
     p.add_argument("--noise", type=float, default=0.03,
                    help="image noise the attacker assumes in the site's slices (window units; 0: match the plain update)")
-    p.add_argument("--noise-draws", type=int, default=2, help="noisy copies averaged per iteration (default 2)")
+    p.add_argument("--noise-draws", type=int, default=4, help="noisy copies averaged per iteration (default 4)")
     p.add_argument("--refine-iterations", type=int, default=200,
                    help="last stage of the prior search: pixels inside the body (default 200; 0: none)")
-    p.add_argument("--warp-grid", type=int, default=0,
-                   help="control points per side of a smooth deformation of the prior's image (default 0: none)")
+    p.add_argument("--warp-grid", type=int, default=6,
+                   help="control points per side of a smooth deformation of the prior's image (default 6; 0: none)")
     p.add_argument("--warp-step", type=float, default=0.01, help="the deformation's Adam step (default 0.01)")
     p.add_argument("--prior-dir", help="where the synthetic prior is built and kept (default: --out, else a temporary folder)")
     p.add_argument("--label", choices=["known", "joint"], default="known")

@@ -94,7 +94,7 @@ def test_audit_job_scores_at_the_sites_and_only_metrics_reach_the_server(tiny_st
     audit = build_report(ws)["audit"]
     assert audit["attack"] == {"iterations": 10, "restarts": 1, "label": "known", "simulate": "single",
                                "prior": "synthetic", "prior_components": 256, "prior_candidates": 20,
-                               "noise": 0.03, "noise_draws": 2, "refine_iterations": 10, "warp_grid": 0,
+                               "noise": 0.03, "noise_draws": 4, "refine_iterations": 10, "warp_grid": 6,
                                "warp_step": 0.01}
     rows = audit["updates"]
     assert sorted((r["site"], r["round"]) for r in rows) == [("site-1", 0), ("site-2", 0)]
