@@ -61,6 +61,11 @@ class Grid:
         audit_only = ("audit_rounds", "attack_iterations", "attack_restarts", "attack_refine_iterations")
         return {k: v for k, v in asdict(self).items() if k not in planning and (audit or k not in audit_only)}
 
+    def recorded(self, grid: dict, audit: bool = True) -> bool:
+        """Whether ``grid`` (a grid as results record it) has this grid's ``settings(audit)``."""
+        settings = self.settings(audit)
+        return {k: v for k, v in grid.items() if k in settings} == settings
+
     def attack(self) -> dict:
         """The attack the audits run: the audit job's defaults with this grid's iterations,
         restarts and refinement iterations."""
@@ -146,13 +151,13 @@ def kept_result(run: Path, grid: Grid, audit: bool = False) -> dict | None:
     path = run / RESULT
     if not path.exists():
         return None
-    kept, settings = json.loads(path.read_text()), grid.settings(audit)
-    if {k: v for k, v in kept.get("grid", {}).items() if k in settings} != settings:
+    kept = json.loads(path.read_text())
+    if not grid.recorded(kept.get("grid", {}), audit):
         raise ValueError(f"{path} was written with other study settings ({kept.get('grid')}); use another "
                          f"--work folder or remove {run}")
-    if audit and (ran := kept["result"].get("summary", {}).get("attack")) != grid.attack():
+    if audit and (ran := kept["result"].get("summary", {}).get("attack")) != (now := grid.attack()):
         raise ValueError(f"{path} is an audit with another attack ({ran}) than the audit job's now "
-                         f"({grid.attack()}); use another --work folder or remove {run}")
+                         f"({now}); use another --work folder or remove {run}")
     return kept["result"]
 
 
@@ -326,9 +331,7 @@ def published_runs(study: Study) -> list[dict]:
         raise FileNotFoundError(f"{path} is missing: the audits alone can only be rerun for a study whose "
                                 "results are there")
     published = json.loads(path.read_text())
-    settings = study.grid.settings(audit=False)
-    if {k: v for k, v in published.get("grid", {}).items() if k in settings} != settings \
-            or published.get("cohort") != study.cohort_note:
+    if not study.grid.recorded(published.get("grid", {}), audit=False) or published.get("cohort") != study.cohort_note:
         raise ValueError(f"{path} holds a study of other training settings or another cohort "
                          f"({published.get('grid')}, {published.get('cohort')}); its runs cannot be kept")
     return published["runs"]
