@@ -1,15 +1,25 @@
+import json
+
 import pytest
+from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
+from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
+from nvflare.apis.signal import Signal
+from nvflare.app_common.app_constant import AppConstants
 
 from dpseg.datalist import resolve
-from dpseg.learner import SIMULATOR_JOB_ID, SiteLearner, ledger_entry
-from dpseg.privacy import Ledger, PrivacyError, calibrate
-from dpseg.site import SiteSettings
+from dpseg.learner import ERROR_HEADER, SIMULATOR_JOB_ID, SiteLearner, ledger_entry
+from dpseg.ledger import Ledger
+from dpseg.privacy import PrivacyError, calibrate
+from dpseg.site import ENV, RETIRED, SiteSettings
 
 
 def _learner(cohort, tmp_path, budget, job_id="job-2", resume=None):
     learner = SiteLearner(dp=True, target_epsilon=8.0, batch_size=2, local_epochs=1.0, resume=resume)
     datalist = cohort / "site-1" / "datalist.json"
-    learner.settings = SiteSettings("site-1", datalist, tmp_path / "ledger.json", budget)
+    if not (tmp_path / "ledger.json").exists():
+        Ledger.create(tmp_path / "ledger.json", budget)
+    learner.settings = SiteSettings("site-1", datalist, tmp_path / "ledger.json")
     learner.app_dir, learner.job_id, learner.site = tmp_path, job_id, "site-1"
     learner.ledger_entry = ledger_entry(job_id, "site-1", resume or {})
     learner.train_items = resolve(datalist, "training")
@@ -18,8 +28,8 @@ def _learner(cohort, tmp_path, budget, job_id="job-2", resume=None):
 
 
 def test_a_refused_job_stays_refused_in_later_rounds(cohort, tmp_path):
-    first = Ledger.open(tmp_path / "ledger.json", 10.0)
-    first.reserve("job-1", calibrate(8.0, 1e-5, 1.0, 2, 4, 4))
+    Ledger.create(tmp_path / "ledger.json", 10.0)
+    Ledger.open(tmp_path / "ledger.json").reserve("job-1", calibrate(8.0, 1e-5, 1.0, 2, 4, 4))
     learner = _learner(cohort, tmp_path, 10.0)
     for _ in range(2):  # round after round
         with pytest.raises(PrivacyError, match="privacy budget exceeded"):
@@ -31,7 +41,7 @@ def test_an_accepted_job_is_calibrated_for_all_rounds(cohort, tmp_path):
     learner = _learner(cohort, tmp_path, 20.0)
     learner._start_privacy(num_rounds=3, fl_ctx=None)
     assert learner.accountant.settings.steps == 3 * 2
-    assert Ledger.open(tmp_path / "ledger.json", 20.0).committed() == pytest.approx(8.0)
+    assert Ledger.open(tmp_path / "ledger.json").committed() == pytest.approx(8.0)
 
 
 def test_a_resumed_job_continues_the_stopped_jobs_accountant(cohort, tmp_path):
@@ -43,7 +53,7 @@ def test_a_resumed_job_continues_the_stopped_jobs_accountant(cohort, tmp_path):
     resumed = _learner(cohort, tmp_path, 20.0, job_id="job-7", resume={"site-1": "job-1"})
     resumed._start_privacy(num_rounds=2, fl_ctx=None)  # the 2 rounds left
     assert resumed.accountant.steps == 2 and resumed.accountant.epsilon() == pytest.approx(spent) and spent > 0
-    ledger = Ledger.open(tmp_path / "ledger.json", 20.0)
+    ledger = Ledger.open(tmp_path / "ledger.json")
     assert list(ledger.jobs) == ["job-1"] and ledger.jobs["job-1"]["continued_by"] == ["job-7"]
     assert ledger.committed() == pytest.approx(8.0)  # counted once
     resumed.accountant.step(4)
@@ -58,6 +68,48 @@ def test_a_resumed_job_continues_the_stopped_jobs_accountant(cohort, tmp_path):
     unknown = _learner(cohort, tmp_path, 20.0, job_id="job-9", resume={"site-1": "job-0"})
     with pytest.raises(PrivacyError, match="resumes ledger entry job-0, which has no saved accountant"):
         unknown._start_privacy(num_rounds=2, fl_ctx=None)
+
+
+def _site_task(learner: SiteLearner, root, task: str = AppConstants.TASK_TRAIN) -> Shareable:
+    """``learner`` runs one task as site-1 of job job-3 in the workspace ``root``, as NVFlare calls it."""
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-1", private=False)
+    fl_ctx.set_prop(ReservedKey.RUN_NUM, "job-3", private=False)
+    fl_ctx.set_prop(FLContextKey.APP_ROOT, str(root / "job-3" / "app_site-1"), private=False)
+    return learner.execute(task, Shareable(), fl_ctx, Signal())
+
+
+@pytest.fixture
+def site_env(monkeypatch, tmp_path):
+    """No site setting from the environment; a site workspace in tmp_path/ws with its local/ folder."""
+    for var in (*ENV.values(), *RETIRED.values()):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "ws" / "local").mkdir(parents=True)
+    return tmp_path / "ws"
+
+
+@pytest.mark.parametrize("task", [AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION])
+def test_a_site_that_requires_dp_refuses_a_job_without_dp_before_touching_its_data(site_copy, site_env, task):
+    # unreadable data: a learner that looked at it first would fail on the data, not on the policy
+    (site_copy / "datalist.json").write_text(json.dumps({"training": [{"image": "missing.nii.gz"}]}))
+    (site_env / "local" / "dpseg_site.json").write_text(json.dumps(
+        {"datalist": str(site_copy / "datalist.json"), "require_dp": True}))
+    for arguments in ({"dp": False}, {"dp": False, "target_epsilon": 0.1}):  # no job argument overrides it
+        reply = _site_task(SiteLearner(**arguments), site_env, task)
+        assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+        assert "site site-1 requires differential privacy" in reply.get_header(ERROR_HEADER)
+
+
+def test_a_site_refuses_a_dp_job_above_its_epsilon_cap_before_touching_its_data(site_copy, site_env, monkeypatch):
+    (site_copy / "datalist.json").write_text("{}")
+    Ledger.create(site_env / "ledger.json", 100.0)
+    monkeypatch.setenv("DPSEG_DATALIST", str(site_copy / "datalist.json"))
+    monkeypatch.setenv("DPSEG_LEDGER", str(site_env / "ledger.json"))
+    monkeypatch.setenv("DPSEG_MAX_JOB_EPSILON", "3")
+    reply = _site_task(SiteLearner(dp=True, target_epsilon=8.0), site_env)
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert "accepts DP jobs of target epsilon at most 3" in reply.get_header(ERROR_HEADER)
+    assert Ledger.open(site_env / "ledger.json").jobs == {}
 
 
 def test_every_simulator_run_gets_its_own_ledger_entry():

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from dpseg.privacy import Accountant, Ledger, PrivacyError, calibrate, continue_accountant, replan
+from dpseg.ledger import Ledger
+from dpseg.privacy import Accountant, PrivacyError, calibrate, continue_accountant, replan
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
@@ -53,41 +54,15 @@ def test_settings_cannot_change_after_calibration():
         s.check_same(sigma_override=0.0)
 
 
-def test_ledger_starts_at_zero_accumulates_and_refuses(tmp_path):
-    path = tmp_path / "ledger.json"
-    s = calibrate(4.0, 1e-5, 1.0, 16, 84, 30)
-    ledger = Ledger.open(path, total_epsilon=10.0)
-    assert ledger.committed() == 0.0 and not path.exists()
-    ledger.reserve("job-a", s)
-    spent = Accountant(s)
-    spent.step(30)
-    ledger.record("job-a", spent)
-    ledger = Ledger.open(path, total_epsilon=10.0)  # a second job, later
-    ledger.reserve("job-b", s)
-    assert ledger.committed() == pytest.approx(8.0)
-    assert ledger.spent()[0] == pytest.approx(spent.epsilon()) and 3.9 < spent.epsilon() <= 4.0
-    third = Ledger.open(path, total_epsilon=10.0)
-    with pytest.raises(PrivacyError, match="privacy budget exceeded.*job-c needs 4.000"):
-        third.reserve("job-c", s)
-    assert "job-c" not in json.loads(path.read_text())["jobs"]
-
-
-def test_reserving_the_same_job_twice_counts_once(tmp_path):
-    s = calibrate(4.0, 1e-5, 1.0, 16, 84, 30)
-    ledger = Ledger.open(tmp_path / "l.json", 5.0)
-    ledger.reserve("job-a", s)
-    Ledger.open(tmp_path / "l.json", 5.0).reserve("job-a", s)  # a resumed job
-    assert Ledger.open(tmp_path / "l.json", 5.0).committed() == pytest.approx(4.0)
-
-
 def test_a_stopped_job_continues_its_saved_accountant_from_the_ledger(tmp_path):
     s = calibrate(4.0, 1e-5, 1.0, 16, 84, 30)
-    ledger = Ledger.open(tmp_path / "l.json", 10.0)
+    Ledger.create(tmp_path / "l.json", 10.0)
+    ledger = Ledger.open(tmp_path / "l.json")
     ledger.reserve("job-a", s)
     first = Accountant(s)
     first.step(10)
     ledger.record("job-a", first)
-    ledger = Ledger.open(tmp_path / "l.json", 10.0)  # the site restarts
+    ledger = Ledger.open(tmp_path / "l.json")  # the site restarts
     same = dict(target_epsilon=4.0, delta=1e-5, max_grad_norm=1.0, batch_size=16, sample_rate=16 / 84, accountant="prv")
     assert continue_accountant(ledger, "job-b", 20, **same) is None  # nothing saved for another job
     acc = continue_accountant(ledger, "job-a", 20, **same)
@@ -96,7 +71,7 @@ def test_a_stopped_job_continues_its_saved_accountant_from_the_ledger(tmp_path):
     ledger.record("job-a", acc)
     assert ledger.spent()[0] == pytest.approx(Accountant(s).epsilon_after(30))
     ledger.note_continuation("job-a", "job-a2")
-    assert Ledger.open(tmp_path / "l.json", 10.0).jobs["job-a"]["continued_by"] == ["job-a2"]
+    assert Ledger.open(tmp_path / "l.json").jobs["job-a"]["continued_by"] == ["job-a2"]
     # the plan is used up (its site trained rounds the server never completed): more steps get more noise
     more = continue_accountant(ledger, "job-a", 10, **same)
     assert more.steps == 30 and more.settings.steps == 40 and more.settings.noise_multiplier > s.noise_multiplier
@@ -110,25 +85,6 @@ def test_a_stopped_job_continues_its_saved_accountant_from_the_ledger(tmp_path):
         replan(overspent, 10)
     with pytest.raises(PrivacyError, match="cannot continue ledger entry job-a.*sample_rate"):
         continue_accountant(ledger, "job-a", 0, **{**same, "sample_rate": 16 / 90})
-
-
-@pytest.mark.parametrize("damage", ["truncate", "edit", "garbage"])
-def test_damaged_ledger_fails_closed_and_is_not_reset(tmp_path, damage):
-    path = tmp_path / "ledger.json"
-    ledger = Ledger.open(path, 10.0)
-    ledger.reserve("job-a", calibrate(4.0, 1e-5, 1.0, 16, 84, 30))
-    text = path.read_text()
-    if damage == "truncate":
-        bad = text[: len(text) // 2]
-    elif damage == "edit":
-        bad = text.replace('"target_epsilon": 4.0', '"target_epsilon": 0.5')
-        assert bad != text
-    else:
-        bad = "\x00\x01 not json"
-    path.write_text(bad)
-    with pytest.raises(PrivacyError, match="training stopped"):
-        Ledger.open(path, 10.0)
-    assert path.read_text() == bad
 
 
 def test_reconstruction_bounds():

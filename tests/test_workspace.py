@@ -18,17 +18,29 @@ def test_allow_list_adds_dpseg_and_keeps_the_rest(tmp_path):
     assert json.loads(path.read_text())["class_allow_list"].count("dpseg.") == 1
 
 
-def test_init_workspace_writes_the_sites_own_settings(tmp_path):
+def test_init_workspace_writes_the_sites_own_settings(tmp_path, monkeypatch):
+    monkeypatch.delenv("DPSEG_TOTAL_EPSILON", raising=False)
     kit = tmp_path / "site-1"
     (kit / "local").mkdir(parents=True)
-    (kit / "local" / "dpseg_site.json").write_text(json.dumps({"ledger": "/secure/l.json", "total_epsilon": 5}))
-    result = run_cli("init-workspace", str(kit), "--data-root", "data", "--total-epsilon", "20", cwd=tmp_path)
+    (kit / "local" / "dpseg_site.json").write_text(json.dumps({"ledger": "/secure/l.json", "max_job_epsilon": 5}))
+    result = run_cli("init-workspace", str(kit), "--data-root", "data", "--require-dp", "--max-job-epsilon", "4",
+                     cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     settings = json.loads((kit / "local" / "dpseg_site.json").read_text())
-    assert settings == {"ledger": "/secure/l.json", "total_epsilon": 20.0, "data_root": str(tmp_path / "data")}
+    assert settings == {"ledger": "/secure/l.json", "max_job_epsilon": 4.0, "require_dp": True,
+                        "data_root": str(tmp_path / "data")}
     from dpseg.site import load_site_settings
 
     (tmp_path / "data" / "site-1").mkdir(parents=True)
     (tmp_path / "data" / "site-1" / "datalist.json").write_text("{}")
-    loaded = load_site_settings("site-1", kit)
-    assert loaded.datalist == tmp_path / "data" / "site-1" / "datalist.json" and loaded.total_epsilon == 20.0
+    loaded = load_site_settings("site-1", kit, require_ledger=False)
+    assert loaded.datalist == tmp_path / "data" / "site-1" / "datalist.json" and loaded.require_dp
+
+
+def test_init_workspace_refuses_a_site_file_with_the_retired_total_epsilon(tmp_path, monkeypatch):
+    monkeypatch.delenv("DPSEG_TOTAL_EPSILON", raising=False)
+    kit = tmp_path / "site-1"
+    (kit / "local").mkdir(parents=True)
+    (kit / "local" / "dpseg_site.json").write_text(json.dumps({"total_epsilon": 20}))
+    result = run_cli("init-workspace", str(kit), "--ledger", "l.json", cwd=tmp_path)
+    assert result.returncode == 2 and "'total_epsilon' in" in result.stderr and "no longer read" in result.stderr

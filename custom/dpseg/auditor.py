@@ -352,7 +352,7 @@ class SiteAuditor(Executor):
         bundle = Bundle()
         if self.cohort is None:
             try:
-                settings = load_site_settings(site, root, None, require_budget=False)
+                settings = load_site_settings(site, root, None, require_ledger=False)
             except SiteConfigError as err:
                 reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
                 reply.set_header(ERROR_HEADER, str(err))

@@ -92,17 +92,59 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_init_workspace(args: argparse.Namespace) -> int:
+    from dpseg.site import SiteConfigError
     from dpseg.workspace import allow_dpseg, write_site_settings
 
     def absolute(path: str | None) -> str | None:
         return str(Path(path).absolute()) if path else None
 
     site = {"datalist": absolute(args.datalist), "data_root": absolute(args.data_root),
-            "total_epsilon": args.total_epsilon, "ledger": absolute(args.ledger)}
+            "ledger": absolute(args.ledger), "require_dp": args.require_dp or None,
+            "max_job_epsilon": args.max_job_epsilon}
     for folder in args.workspace:
         print(f"wrote {allow_dpseg(Path(folder))} (class allow-list: NVFlare's defaults + dpseg.)")
         if any(v is not None for v in site.values()):
-            print(f"wrote {write_site_settings(Path(folder), site)} (the site's own settings)")
+            try:
+                print(f"wrote {write_site_settings(Path(folder), site)} (the site's own settings)")
+            except SiteConfigError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+    return 0
+
+
+def cmd_ledger_init(args: argparse.Namespace) -> int:
+    from dpseg.ledger import Ledger
+    from dpseg.privacy import PrivacyError
+
+    try:
+        ledger = Ledger.create(Path(args.path).absolute(), args.total_epsilon, args.total_delta)
+    except PrivacyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {ledger.path}: total epsilon {ledger.total_epsilon:g}, total delta {ledger.total_delta:g}, no jobs")
+    return 0
+
+
+def cmd_ledger_show(args: argparse.Namespace) -> int:
+    from dpseg.ledger import Ledger
+    from dpseg.privacy import PrivacyError
+
+    try:
+        ledger = Ledger.open(Path(args.path))
+    except PrivacyError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    spent = ledger.spent()
+    print(f"privacy ledger {ledger.path}")
+    print(f"  total:     epsilon {ledger.total_epsilon:g}, delta {ledger.total_delta:g}")
+    print(f"  committed: epsilon {ledger.committed():.4g}, delta {ledger.committed_delta():.4g}")
+    print(f"  spent:     epsilon {spent[0]:.4g}, delta {spent[1]:.4g}")
+    for entry, job in ledger.jobs.items():
+        more = f", continued by {', '.join(job['continued_by'])}" if job.get("continued_by") else ""
+        print(f"  {entry}: target epsilon {job['target_epsilon']:g} at delta {job['delta']:g}, spent "
+              f"{job['spent_epsilon']:.4g} in {job['steps']} steps ({job['accountant']}), started {job['started']}{more}")
+    if not ledger.jobs:
+        print("  no jobs yet")
     return 0
 
 
@@ -249,6 +291,8 @@ def cmd_monailabel_check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dpseg.site import DEFAULT_TOTAL_DELTA
+
     parser = argparse.ArgumentParser(prog="dpseg", description=(
         "Federated CT liver segmentation with patient-level differential privacy."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -275,9 +319,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workspace", nargs="+", help="simulator workspace (-w) or a site's / the server's startup-kit folder")
     p.add_argument("--datalist", help="site setting: the site's datalist ({site} is replaced by the site name)")
     p.add_argument("--data-root", help="site setting: else <data-root>/<site>/datalist.json")
-    p.add_argument("--total-epsilon", type=float, help="site setting: total epsilon budget across all jobs")
-    p.add_argument("--ledger", help="site setting: the privacy ledger file ({site} is replaced)")
+    p.add_argument("--ledger", help="site setting: the privacy ledger file ({site} is replaced; create it "
+                                    "with `dpseg ledger init`)")
+    p.add_argument("--require-dp", action="store_true", help="site policy: refuse every job without DP")
+    p.add_argument("--max-job-epsilon", type=float, help="site policy: refuse DP jobs of a higher target epsilon")
     p.set_defaults(func=cmd_init_workspace)
+
+    p = sub.add_parser("ledger", help="a site's privacy ledger: create it (with the site's total budget) or show it")
+    ledger = p.add_subparsers(dest="ledger_command", required=True, metavar="ACTION")
+    q = ledger.add_parser("init", help="create a new, empty ledger holding the site's total budget (never overwrites)")
+    q.add_argument("path", help="the ledger file to create (the site's DPSEG_LEDGER / 'ledger')")
+    q.add_argument("--total-epsilon", type=float, required=True, help="the site's total epsilon across all jobs")
+    q.add_argument("--total-delta", type=float, default=DEFAULT_TOTAL_DELTA,
+                   help=f"the site's total delta across all jobs (default {DEFAULT_TOTAL_DELTA:g})")
+    q.set_defaults(func=cmd_ledger_init)
+    q = ledger.add_parser("show", help="totals, committed and spent budget, and every job's entry")
+    q.add_argument("path", help="the ledger file")
+    q.set_defaults(func=cmd_ledger_show)
 
     p = sub.add_parser("report", help="privacy and utility report of a finished NVFlare workspace")
     p.add_argument("workspace", help="simulator workspace (-w), or a downloaded job result folder")

@@ -43,8 +43,9 @@ from dpseg.dptrain import OPTIMIZERS, SAMPLINGS, LocalTrainer, PatientSlices
 from dpseg.evaluate import evaluate
 from dpseg.jobs import check_simulator_worker
 from dpseg.metrics import dice
-from dpseg.privacy import Accountant, Ledger, PrivacyError, calibrate, continue_accountant
-from dpseg.site import SiteConfigError, load_site_settings
+from dpseg.ledger import Ledger
+from dpseg.privacy import Accountant, PrivacyError, calibrate, continue_accountant
+from dpseg.site import SiteConfigError, check_job_policy, load_site_settings
 
 ERROR_HEADER = "dpseg_error"
 THREADS_ENV = "DPSEG_TORCH_THREADS"
@@ -189,7 +190,8 @@ class SiteLearner(Executor):
         self.log_info(fl_ctx, f"torch uses {torch.get_num_threads()} CPU threads at {self.site}")
         self.app_dir, root = site_folders(fl_ctx)
         synthetic_root = self._synthetic_cohort(root, fl_ctx) if self.data_source == "synthetic" else None
-        self.settings = load_site_settings(self.site, root, synthetic_root, require_budget=self.dp)
+        self.settings = load_site_settings(self.site, root, synthetic_root, require_ledger=self.dp)
+        check_job_policy(self.settings, self.dp, self.target_epsilon)
         report = check_datalist(self.settings.datalist)
         if not report.ok:
             # first line (sent to the server): what went wrong, without the site's file paths;
@@ -251,7 +253,7 @@ class SiteLearner(Executor):
         Nothing is kept unless the ledger accepts the job, so a refused site stays refused in
         every later round of the job.
         """
-        ledger = Ledger.open(self.settings.ledger, self.settings.total_epsilon)
+        ledger = Ledger.open(self.settings.ledger)
         key, steps = self.ledger_entry, num_rounds * self.local_steps
         accountant = continue_accountant(
             ledger, key, self.local_steps, target_epsilon=self.target_epsilon, delta=self.delta,

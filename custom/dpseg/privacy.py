@@ -1,25 +1,23 @@
-"""Differential privacy bookkeeping of a site: noise calibration, the accountant, the budget ledger.
+"""Differential privacy bookkeeping of a site: noise calibration and the accountant (the site's
+budget across jobs is its ledger, ``dpseg.ledger``).
 
 The unit of privacy is one patient of one site: every training sample is one slice of one patient,
 and batches are drawn by Poisson sampling over the site's training patients with rate
 ``sample_rate``. The guarantee covers everything the site sends during a job (all rounds), by the
-accountant named (Opacus' ``prv`` or ``rdp``). Across jobs the site's ledger adds epsilons and
-deltas up (basic composition), which is an upper bound.
+accountant named (Opacus' ``prv`` or ``rdp``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import time
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from dpseg.files import write_whole
+if TYPE_CHECKING:
+    from dpseg.ledger import Ledger
 
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -204,93 +202,3 @@ def reconstruction_bound_gdp(noise_multiplier: float, sample_rate: float, steps:
         return 1.0
     mu = sample_rate * math.sqrt(steps * math.expm1(1.0 / noise_multiplier ** 2))
     return float(norm.cdf(norm.ppf(baseline) + mu))
-
-
-@dataclass
-class Ledger:
-    """The site's privacy budget across jobs, kept in a JSON file the site owns.
-
-    Each job is entered before its first step with the epsilon it is calibrated to reach (its
-    target), then updated with what it actually spent. A job is refused if the sum of all jobs'
-    targets would pass ``total_epsilon``. A missing file starts at zero; a file that cannot be read
-    or whose checksum does not match its content stops training: it is never reset here.
-    The checksum catches damage and hand edits, not a deliberate forger with write access.
-    """
-
-    path: Path
-    total_epsilon: float
-    jobs: dict = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, path: Path, total_epsilon: float) -> "Ledger":
-        path = Path(path)
-        if not total_epsilon > 0:
-            raise PrivacyError(f"the site's total epsilon budget must be > 0, got {total_epsilon}")
-        if not path.exists():
-            return cls(path, total_epsilon)
-        try:
-            body = json.loads(path.read_text())
-            jobs, digest = body["jobs"], body["sha256"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise PrivacyError(f"privacy ledger {path} is unreadable ({err}); training stopped. "
-                               "Restore it from a backup; it is never reset automatically.") from None
-        if digest != _digest(jobs):
-            raise PrivacyError(f"privacy ledger {path} does not match its checksum (damaged or edited); "
-                               "training stopped. Restore it from a backup; it is never reset automatically.")
-        return cls(path, total_epsilon, jobs)
-
-    def committed(self, exclude: str | None = None) -> float:
-        """Epsilon committed by every job (the larger of target and spent), except ``exclude``."""
-        return sum(max(j["target_epsilon"], j["spent_epsilon"]) for k, j in self.jobs.items() if k != exclude)
-
-    def spent(self) -> tuple[float, float]:
-        """(epsilon, delta) actually spent by all jobs, added up."""
-        return (sum(j["spent_epsilon"] for j in self.jobs.values()),
-                sum(j["delta"] for j in self.jobs.values() if j["spent_epsilon"] > 0))
-
-    def reserve(self, job_id: str, settings: PrivacySettings) -> None:
-        """Enter a job at its target epsilon; refuse it if the site's budget would be passed."""
-        if job_id in self.jobs:
-            if self.jobs[job_id]["target_epsilon"] != settings.target_epsilon:
-                raise PrivacyError(f"job {job_id} is already in the ledger with another target epsilon")
-            return
-        already = self.committed()
-        if already + settings.target_epsilon > self.total_epsilon + 1e-12:
-            raise PrivacyError(
-                f"privacy budget exceeded: this site has committed epsilon {already:.3f} of its total "
-                f"{self.total_epsilon:.3f} (ledger {self.path}); job {job_id} needs {settings.target_epsilon:.3f}. "
-                "Refused before any training step.")
-        self.jobs[job_id] = {"target_epsilon": settings.target_epsilon, "delta": settings.delta,
-                             "spent_epsilon": 0.0, "steps": 0, "accountant": settings.accountant,
-                             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        self.save()
-
-    def record(self, job_id: str, accountant: "Accountant") -> None:
-        """Update a job's entry with what it spent and the accountant's full state (its history),
-        from which a stopped job continues (``accountant()``)."""
-        self.jobs[job_id].update(spent_epsilon=float(accountant.epsilon()), steps=int(accountant.steps),
-                                 accountant_state=accountant.state())
-        self.save()
-
-    def accountant(self, job_id: str) -> "Accountant | None":
-        """The saved accountant of a job entered earlier (None if the job is not in the ledger or
-        never took a step)."""
-        state = self.jobs.get(job_id, {}).get("accountant_state")
-        return Accountant.from_state(state) if state else None
-
-    def note_continuation(self, job_id: str, by: str) -> None:
-        """Record that job ``by`` continues the entry ``job_id`` (its steps count in that entry)."""
-        entry = self.jobs[job_id]
-        if by != job_id and by not in entry.setdefault("continued_by", []):
-            entry["continued_by"].append(by)
-            self.save()
-
-    def save(self) -> None:
-        """Write atomically (a crash leaves the old or the new ledger, never half of one)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"jobs": self.jobs, "sha256": _digest(self.jobs)}, indent=1) + "\n"
-        write_whole(self.path, lambda tmp: tmp.write_text(text))
-
-
-def _digest(jobs: dict) -> str:
-    return hashlib.sha256(json.dumps(jobs, sort_keys=True).encode()).hexdigest()

@@ -41,13 +41,15 @@ def allow_dpseg(workspace: Path) -> Path:
 
 
 def write_site_settings(kit: Path, settings: dict) -> Path:
-    """Write a site's own settings (data location, total epsilon budget, ledger) into
-    ``<kit>/local/dpseg_site.json``, keeping keys already there that ``settings`` does not set."""
-    from dpseg.site import SITE_FILE
+    """Write a site's own settings (data location, ledger, policy) into ``<kit>/local/dpseg_site.json``,
+    keeping keys already there that ``settings`` does not set. Refused (SiteConfigError) while the
+    file holds a setting that is no longer read."""
+    from dpseg.site import SITE_FILE, check_retired
 
     target = Path(kit) / SITE_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
     current = json.loads(target.read_text()) if target.exists() else {}
+    check_retired(current, str(target))
     current.update({k: v for k, v in settings.items() if v is not None})
     target.write_text(json.dumps(current, indent=2) + "\n")
     return target
