@@ -44,3 +44,22 @@ def test_init_workspace_refuses_a_site_file_with_the_retired_total_epsilon(tmp_p
     (kit / "local" / "dpseg_site.json").write_text(json.dumps({"total_epsilon": 20}))
     result = run_cli("init-workspace", str(kit), "--ledger", "l.json", cwd=tmp_path)
     assert result.returncode == 2 and "'total_epsilon' in" in result.stderr and "no longer read" in result.stderr
+
+
+def test_init_workspace_turns_nvflare_job_log_streaming_off_as_nvflare_reads_it(tmp_path):
+    from nvflare.apis.fl_constant import FLContextKey, ReservedKey
+    from nvflare.apis.fl_context import FLContext
+    from nvflare.app_common.logging.constants import is_log_streaming_allowed
+
+    kit = tmp_path / "site-1"  # a provisioned site's kit: startup/, and local/ with NVFlare's defaults
+    (kit / "startup").mkdir(parents=True)
+    (kit / "local").mkdir()
+    (kit / "local" / "resources.json.default").write_text(json.dumps({"allow_log_streaming": True, "components": [
+        {"id": "site_log_streamer", "path": "nvflare.app_common.logging.site_log_streamer.SiteLogStreamer"}]}))
+    fl_ctx = FLContext()  # what NVFlare's JobLogStreamer / SiteLogStreamer look at in the site's process
+    fl_ctx.set_prop(FLContextKey.WORKSPACE_ROOT, str(kit), private=False)
+    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-1", private=False)
+    assert is_log_streaming_allowed(fl_ctx)
+    assert run_cli("init-workspace", str(kit)).returncode == 0
+    assert json.loads((kit / "local" / "resources.json").read_text())["allow_log_streaming"] is False
+    assert not is_log_streaming_allowed(fl_ctx)

@@ -93,7 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_init_workspace(args: argparse.Namespace) -> int:
     from dpseg.site import SiteConfigError
-    from dpseg.workspace import allow_dpseg, write_site_settings
+    from dpseg.workspace import init_workspace, write_site_settings
 
     def absolute(path: str | None) -> str | None:
         return str(Path(path).absolute()) if path else None
@@ -102,7 +102,8 @@ def cmd_init_workspace(args: argparse.Namespace) -> int:
             "ledger": absolute(args.ledger), "require_dp": args.require_dp or None,
             "max_job_epsilon": args.max_job_epsilon}
     for folder in args.workspace:
-        print(f"wrote {allow_dpseg(Path(folder))} (class allow-list: NVFlare's defaults + dpseg.)")
+        print(f"wrote {init_workspace(Path(folder))} (class allow-list: NVFlare's defaults + dpseg.; "
+              "job log streaming to the server off)")
         if any(v is not None for v in site.values()):
             try:
                 print(f"wrote {write_site_settings(Path(folder), site)} (the site's own settings)")

@@ -67,11 +67,11 @@ def configure_job(source: Path, dest: Path, server_args: dict | None = None, cli
 
 
 def simulator_command(job: Path, workspace: Path, clients: list[str]) -> list[str]:
-    """``nvflare simulator JOB -w WORKSPACE -c CLIENTS -t N`` (one process per client), with dpseg
-    allowed in the workspace."""
-    from dpseg.workspace import allow_dpseg
+    """``nvflare simulator JOB -w WORKSPACE -c CLIENTS -t N`` (one process per client), in a
+    workspace prepared as ``dpseg init-workspace`` does."""
+    from dpseg.workspace import init_workspace
 
-    allow_dpseg(workspace)
+    init_workspace(workspace)
     nvflare = Path(sys.executable).parent / "nvflare"
     return [str(nvflare), "simulator", str(job), "-w", str(workspace), "-c", ",".join(clients),
             "-t", str(len(clients))]
