@@ -30,9 +30,13 @@ test: $(STAMP)
 # The README's main command: the default synthetic cohort (3 sites), checked, then the federated
 # DP job in the NVFlare simulator (3 sites, 3 processes), then the privacy / utility report.
 # Site settings come from the environment, as a site's own would (see README, "Site settings").
-SITE_ENV = DPSEG_DATA_ROOT=$(abspath $(DEMO))/data DPSEG_TOTAL_EPSILON=$(SITE_BUDGET) \
-	DPSEG_LEDGER=$(abspath $(DEMO))/ledgers/{site}.json
+# Each site's privacy ledger holds its total budget (SITE_BUDGET): created with `dpseg ledger init`
+# where missing, before the simulator (`make demo` starts from nothing, ledgers included).
+SITE_ENV = DPSEG_DATA_ROOT=$(abspath $(DEMO))/data DPSEG_LEDGER=$(abspath $(DEMO))/ledgers/{site}.json
 SITE_BUDGET ?= 20
+DEMO_SITES = site-1 site-2 site-3
+LEDGERS_INIT = for site in $(DEMO_SITES); do test -f $(DEMO)/ledgers/$$site.json || \
+	$(BIN)/dpseg ledger init $(DEMO)/ledgers/$$site.json --total-epsilon $(SITE_BUDGET) || exit 1; done
 SIM_PROGRESS = grep --line-buffered -E "calibrated|round [0-9]+:|test Dice|ERROR|Traceback"
 
 demo: $(STAMP)
@@ -40,6 +44,7 @@ demo: $(STAMP)
 	$(BIN)/dpseg synth --out $(DEMO)/data --sites 3 --seed 0
 	$(BIN)/dpseg check-data $(DEMO)/data/site-1/datalist.json $(DEMO)/data/site-2/datalist.json $(DEMO)/data/site-3/datalist.json
 	$(BIN)/dpseg init-workspace $(DEMO)/ws
+	$(LEDGERS_INIT)
 	set -o pipefail; $(SITE_ENV) $(BIN)/nvflare simulator jobs/fed_dp -w $(DEMO)/ws -n 3 -t 3 2>&1 \
 	    | tee $(DEMO)/simulator.log | $(SIM_PROGRESS)
 	$(BIN)/dpseg report $(DEMO)/ws
@@ -49,6 +54,7 @@ demo-baseline: $(STAMP)
 	test -f $(DEMO)/data/site-1/datalist.json || $(BIN)/dpseg synth --out $(DEMO)/data --sites 3 --seed 0
 	rm -rf $(DEMO)/ws_fed
 	$(BIN)/dpseg init-workspace $(DEMO)/ws_fed
+	$(LEDGERS_INIT)
 	set -o pipefail; $(SITE_ENV) $(BIN)/nvflare simulator jobs/fed -w $(DEMO)/ws_fed -n 3 -t 3 2>&1 \
 	    | tee $(DEMO)/simulator_fed.log | $(SIM_PROGRESS)
 	$(BIN)/dpseg report $(DEMO)/ws_fed

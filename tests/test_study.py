@@ -29,9 +29,10 @@ def test_relative_folders_reach_the_simulator_as_absolute_paths(cohort, tmp_path
     monkeypatch.chdir(cohort.parent)  # as `make study-quick` runs: folders relative to the checkout
     study = Study(GRIDS["quick"], Path(cohort.name), Path("work"), Path("out"))
     assert study.work == cohort.parent / "work" and study.out == cohort.parent / "out"
-    env = study.env(study.work / "ledger.json")
+    env = study.env(study.work / "run", ["site-1"])
     assert Path(env["DPSEG_DATA_ROOT"]).is_absolute() and Path(env["DPSEG_DATA_ROOT"]) == cohort.resolve()
     assert Path(env["DPSEG_LEDGER"]).is_absolute()
+    assert Path(env["DPSEG_LEDGER"].replace("{site}", "site-1")).is_file()  # a new ledger per run and site
 
 
 def test_summary_gives_mean_and_spread_over_seeds():

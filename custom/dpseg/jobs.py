@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dpseg.site import DEFAULT_TOTAL_DELTA
+
 JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
 SERVER_CONFIG = Path("app") / "config" / "config_fed_server.json"
 CLIENT_CONFIG = Path("app") / "config" / "config_fed_client.json"
@@ -64,6 +66,18 @@ def configure_job(source: Path, dest: Path, server_args: dict | None = None, cli
             component_args(config, marker).update(extra)
         path.write_text(json.dumps(config, indent=1) + "\n")
     return dest
+
+
+def site_ledgers(folder: Path, sites: list[str], total_epsilon: float,
+                 total_delta: float = DEFAULT_TOTAL_DELTA) -> str:
+    """Create a new privacy ledger ``<folder>/<site>.json`` for each site with the given totals
+    (as ``dpseg ledger init`` does); returns the ``DPSEG_LEDGER`` setting that names them
+    (``<folder>/{site}.json``)."""
+    from dpseg.ledger import Ledger
+
+    for site in sites:
+        Ledger.create(Path(folder) / f"{site}.json", total_epsilon, total_delta)
+    return str(Path(folder) / "{site}.json")
 
 
 def simulator_command(job: Path, workspace: Path, clients: list[str]) -> list[str]:

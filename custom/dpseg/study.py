@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from dpseg.files import write_whole
-from dpseg.jobs import JOBS_DIR, configure_job, run_simulator
+from dpseg.jobs import JOBS_DIR, configure_job, run_simulator, site_ledgers
 
 
 @dataclass
@@ -79,6 +79,8 @@ class Grid:
         m = self.minutes_per_run
         return float(m.get(kind, max(m.values())) if isinstance(m, dict) else m)
 
+
+STUDY_LEDGER_EPSILON = 1000.0  # each run's own ledgers: no run of the study is refused for budget
 
 GRIDS = {
     "quick": Grid("quick", [16, 16, 16], rounds=4, local_epochs=3.0, batch_size=4, epsilons=[8.0, 3.0, 1.0],
@@ -134,8 +136,12 @@ class Study:
         return [Arm("local", site=s) for s in self.sites] + [Arm("pooled"), Arm("fed")] + \
             [Arm("fed_dp", epsilon=e) for e in self.grid.epsilons]
 
-    def env(self, ledger: Path, datalist: Path | None = None) -> dict:
-        env = {"DPSEG_DATA_ROOT": str(self.cohort), "DPSEG_TOTAL_EPSILON": "1000", "DPSEG_LEDGER": str(ledger)}
+    def env(self, run: Path, clients: list[str], datalist: Path | None = None) -> dict:
+        """The simulated sites' settings for one run: the cohort, and a new privacy ledger per site
+        in ``run/ledgers/`` (totals large enough for any run of the study: its budget is not
+        what the study measures)."""
+        ledgers = site_ledgers(run / "ledgers", clients, total_epsilon=STUDY_LEDGER_EPSILON)
+        env = {"DPSEG_DATA_ROOT": str(self.cohort), "DPSEG_LEDGER": ledgers}
         if datalist:
             env["DPSEG_DATALIST"] = str(datalist)
         return env
@@ -227,7 +233,7 @@ def train_arm(study: Study, arm: Arm, seed: int) -> dict:
     job = configure_job(JOBS_DIR / ("fed_dp" if arm.kind == "fed_dp" else "fed"), run / "job", server, client,
                         persistor_args={"seed": seed}, learner_args={"seed": seed})
     pooled = study.cohort / "datalist.json" if arm.kind == "pooled" else None
-    ws, wall = simulate_complete(study, job, run, study.env(run / "ledger_{site}.json", pooled), clients)
+    ws, wall = simulate_complete(study, job, run, study.env(run, clients, pooled), clients)
     report = build_report(ws)
     if report["best_model_bundle"]:
         model, which = Path(report["best_model_bundle"]) / "models" / "model.pt", "best"
@@ -290,7 +296,7 @@ def run_audit(study: Study, epsilon: float | None, run: Path) -> dict:
         server["target_epsilon"] = client["target_epsilon"] = epsilon
     job = configure_job(JOBS_DIR / "fed_dp_audit", run / "job", server, client)
     clients = study.sites[:2]
-    ws, wall = simulate_complete(study, job, run, study.env(run / "ledger_{site}.json"), clients)
+    ws, wall = simulate_complete(study, job, run, study.env(run, clients), clients)
     audit = build_report(ws)["audit"] or {}
     folders = sorted(ws.glob("site-*/simulate_job/app_site-*/audit/round*"))
     return keep(run, g, {"level": "no DP" if epsilon is None else f"eps {epsilon:g}", "epsilon": epsilon,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from conftest import datalist_items
 from dpseg.jobs import run_simulator as simulate
-from dpseg.privacy import Ledger
+from dpseg.jobs import site_ledgers
+from dpseg.ledger import Ledger
 from dpseg.report import build_report, format_report
 from test_simulator import prepare_job, run_simulator
 
@@ -30,8 +31,10 @@ def three_site_root(cohort, tmp_path, damage: bool = True):
 
 
 def env_for(root, tmp_path):
-    return {"DPSEG_DATA_ROOT": str(root), "DPSEG_TOTAL_EPSILON": "20",
-            "DPSEG_LEDGER": str(tmp_path / "ledgers" / "{site}.json")}
+    """The sites' settings: data under ``root``, and new ledgers (total epsilon 20) for site-1 to
+    site-3 under tmp_path/ledgers."""
+    ledgers = site_ledgers(tmp_path / "ledgers", ["site-1", "site-2", "site-3"], total_epsilon=20)
+    return {"DPSEG_DATA_ROOT": str(root), "DPSEG_LEDGER": ledgers}
 
 
 def test_a_site_with_bad_data_fails_alone_and_the_job_goes_on(cohort, tmp_path):
@@ -48,7 +51,7 @@ def test_a_site_with_bad_data_fails_alone_and_the_job_goes_on(cohort, tmp_path):
     assert str(root) not in json.dumps(report["problems"])  # the server learns why, not the site's paths
     site_log = (ws / "site-3" / "log.txt").read_text()
     assert str(victim) in site_log  # the site's own log names the file
-    assert not (tmp_path / "ledgers" / "site-3.json").exists()  # it never reached training
+    assert Ledger.open(tmp_path / "ledgers" / "site-3.json").jobs == {}  # it never reached training
     assert "site-3 site failed" in format_report(report)
 
 
@@ -65,6 +68,19 @@ def test_updates_above_the_jobs_epsilon_are_rejected_and_never_aggregated(cohort
     assert "Cannot reach min_responses" in (ws / "server" / "log.txt").read_text()
     assert report["best_model_bundle"] is None  # nothing aggregated, nothing written as the bundle's model
     assert all(e["rounds"] == 0 for e in report["sites"].values())
+
+
+def test_a_site_that_requires_dp_refuses_a_job_without_dp_and_nothing_is_trained(cohort, tmp_path):
+    job = prepare_job("fed", tmp_path, rounds=1, batch_size=2, local_epochs=1.0)
+    ws = tmp_path / "ws"
+    run_simulator(job, ws, {**env_for(cohort, tmp_path), "DPSEG_REQUIRE_DP": "1"})
+    report = build_report(ws)
+    # with min_clients 2 of 2 sites, the first refusal ends the job: the other site may never get a task
+    refusals = [p for p in report["problems"] if p["kind"] == "site failed"]
+    assert refusals and all("requires differential privacy" in p["reason"] for p in refusals)
+    site = refusals[0]["site"]
+    assert f"site {site} requires differential privacy" in (ws / site / "log.txt").read_text()
+    assert all(e["rounds"] == 0 for e in report["sites"].values()) and report["best_model_bundle"] is None
 
 
 def simulator_worker(ws: Path, site: str) -> int:
@@ -101,7 +117,7 @@ def test_a_site_killed_in_the_middle_of_a_round_is_missing_and_rejoins_the_next_
     assert {s: e["rounds"] for s, e in report["sites"].items()} == {"site-1": 2, "site-2": 2, "site-3": 1}
     assert [(m["round"], m["sites"]) for m in report["missing_contributions"]] == [(1, ["site-3"])]
     assert report["best_model_bundle"] is not None  # the job finished with the two others
-    killed = Ledger.open(tmp_path / "ledgers" / "site-3.json", 20.0)
+    killed = Ledger.open(tmp_path / "ledgers" / "site-3.json")
     assert len(killed.jobs) == 1 and next(iter(killed.jobs.values()))["steps"] >= 2  # what it spent is kept
 
     # the site rejoins: the next job trains at all three sites, and its ledger adds the two jobs up
@@ -110,4 +126,4 @@ def test_a_site_killed_in_the_middle_of_a_round_is_missing_and_rejoins_the_next_
     result = run_simulator(again, tmp_path / "ws_next", env, sites=3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert build_report(tmp_path / "ws_next")["sites"]["site-3"]["rounds"] == 1
-    assert Ledger.open(tmp_path / "ledgers" / "site-3.json", 20.0).committed() == 16.0
+    assert Ledger.open(tmp_path / "ledgers" / "site-3.json").committed() == 16.0

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from conftest import REPO, run_cli
-from dpseg.privacy import Ledger
+from dpseg.ledger import Ledger
 from dpseg.synthetic import write_cohort
 from test_provisioned import leftover_pids
 from test_simulator import prepare_job
@@ -24,8 +24,7 @@ class Poc:
         self.folder = tmp_path / "poc"
         self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                     "HOME": str(tmp_path / "home"), "NVFLARE_POC_WORKSPACE": str(self.folder),
-                    "DPSEG_DATA_ROOT": str(data_root), "DPSEG_TOTAL_EPSILON": "20",
-                    "DPSEG_LEDGER": str(tmp_path / "ledgers" / "{site}.json")}
+                    "DPSEG_DATA_ROOT": str(data_root), "DPSEG_LEDGER": str(tmp_path / "ledgers" / "{site}.json")}
 
     def run(self, *cmd, timeout=300) -> str:
         done = subprocess.run([str(c) for c in cmd], cwd=REPO, env=self.env, capture_output=True, text=True,
@@ -74,7 +73,8 @@ def test_poc_site_killed_mid_round_fails_the_job_which_resumes_with_the_site_bac
     job = prepare_job("fed_dp", tmp_path / "jobs", rounds=2, batch_size=2, local_epochs=1.0)
     poc.run("bash", REPO / "poc" / "prepare.sh", "2")
     settings = json.loads((poc.kit("site-1") / "local" / "dpseg_site.json").read_text())
-    assert settings["data_root"] == str(data) and settings["total_epsilon"] == 20
+    assert settings["data_root"] == str(data) and settings["ledger"] == str(tmp_path / "ledgers" / "{site}.json")
+    assert Ledger.open(tmp_path / "ledgers" / "site-1.json").total_epsilon == 20  # created by prepare.sh
     submit = [sys.executable, REPO / "poc" / "submit.py"]
     try:
         poc.run("bash", REPO / "poc" / "start.sh")
@@ -97,7 +97,7 @@ def test_poc_site_killed_mid_round_fails_the_job_which_resumes_with_the_site_bac
     assert report["rounds"] == 1 and not report["missing_contributions"]  # site-2 is back
     new_job = next((tmp_path / "again").iterdir()).name
     for site in ("site-1", "site-2"):
-        ledger = Ledger.open(tmp_path / "ledgers" / f"{site}.json", 20.0)
+        ledger = Ledger.open(tmp_path / "ledgers" / f"{site}.json")
         (entry, record), = ledger.jobs.items()  # one entry: the resumed job continued the stopped one
         assert entry == result.name and record["continued_by"] == [new_job]
         p = report["sites"][site]["privacy"]

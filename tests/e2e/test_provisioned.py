@@ -19,7 +19,8 @@ import pytest
 from conftest import REPO
 from dpseg.labelserver import stop_process_group
 from dpseg.report import build_report
-from dpseg.workspace import allow_dpseg
+from dpseg.jobs import site_ledgers
+from dpseg.workspace import init_workspace
 from test_simulator import prepare_job
 
 ADMIN = "admin@consortium.example.org"
@@ -93,11 +94,11 @@ def test_provisioned_server_and_two_sites_run_fed_dp(cohort, tmp_path):
     kits = provision(tmp_path, free_port())
     server_kit = kits / "localhost"
     for kit in (server_kit, *(kits / s for s in SITES)):
-        allow_dpseg(kit)
-    for site in SITES:  # each hospital's own settings: its data and its privacy budget
+        init_workspace(kit)
+    site_ledgers(tmp_path / "ledgers", SITES, total_epsilon=20)  # each hospital's budget, in its ledger
+    for site in SITES:  # each hospital's own settings: its data and its privacy ledger
         (kits / site / "local" / "dpseg_site.json").write_text(json.dumps({
-            "datalist": str(cohort / site / "datalist.json"), "total_epsilon": 20,
-            "ledger": str(tmp_path / "ledgers" / f"{site}.json")}))
+            "datalist": str(cohort / site / "datalist.json"), "ledger": str(tmp_path / "ledgers" / f"{site}.json")}))
     processes, session = Processes(), None
     try:
         processes.start(server_kit, tmp_path / "server.log")

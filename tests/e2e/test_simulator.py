@@ -9,8 +9,9 @@ import torch
 
 from conftest import REPO, run_cli
 from dpseg.bundle import Bundle
-from dpseg.jobs import configure_job
+from dpseg.jobs import configure_job, site_ledgers
 from dpseg.jobs import run_simulator as simulate
+from dpseg.ledger import Ledger
 from dpseg.report import build_report
 
 
@@ -25,11 +26,11 @@ def run_simulator(job: Path, workspace: Path, env: dict, sites: int = 2) -> subp
 
 
 def simulate_on_cohort(job: Path, cohort: Path, tmp_path: Path) -> Path:
-    """Run ``job`` (2 sites) on the tiny cohort with site settings from the environment (budget 20,
-    ledgers under tmp_path/ledgers); asserts success and returns the workspace."""
+    """Run ``job`` (2 sites) on the tiny cohort with site settings from the environment (new
+    ledgers of total epsilon 20 under tmp_path/ledgers); asserts success and returns the workspace."""
     ws = tmp_path / "ws"
-    env = {"DPSEG_DATA_ROOT": str(cohort), "DPSEG_TOTAL_EPSILON": "20",
-           "DPSEG_LEDGER": str(tmp_path / "ledgers" / "{site}.json")}
+    env = {"DPSEG_DATA_ROOT": str(cohort),
+           "DPSEG_LEDGER": site_ledgers(tmp_path / "ledgers", ["site-1", "site-2"], total_epsilon=20)}
     result = run_simulator(job, ws, env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return ws
@@ -49,7 +50,7 @@ def test_two_sites_two_rounds_report_and_bundle(cohort, tmp_path, name):
         assert p["unit"] == "patient"
         if name == "fed":
             assert p["dp"] is False
-            assert not (tmp_path / "ledgers" / f"{site}.json").exists()
+            assert Ledger.open(tmp_path / "ledgers" / f"{site}.json").jobs == {}  # a job without DP spends nothing
             continue
         assert p["dp"] is True and p["accountant"] == "prv" and p["delta"] == 1e-5
         assert p["steps"] == p["planned_steps"] == 2 * 2  # 2 rounds x ceil(4 patients / 2)

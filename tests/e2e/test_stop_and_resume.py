@@ -7,7 +7,7 @@ import torch
 
 from conftest import run_cli
 from dpseg.jobs import run_simulator as simulate
-from dpseg.privacy import Ledger
+from dpseg.ledger import Ledger
 from dpseg.report import build_report
 from dpseg.resume import RESUME_MODEL
 from dpseg.server import RESUME_FILE
@@ -39,7 +39,7 @@ def test_a_stopped_job_resumes_from_its_last_round_and_the_accountant_continues(
     env = env_for(cohort, tmp_path)
     point = run_until_round_done(job, tmp_path / "ws", env, completed_round=0)
     assert point["completed_round"] == 0 and point["end_round"] == 2
-    ledgers = {s: Ledger.open(tmp_path / "ledgers" / f"{s}.json", 20.0) for s in ("site-1", "site-2")}
+    ledgers = {s: Ledger.open(tmp_path / "ledgers" / f"{s}.json") for s in ("site-1", "site-2")}
     before = {s: next(iter(l.jobs.items())) for s, l in ledgers.items()}
     assert all(e["steps"] >= 2 and e["spent_epsilon"] > 0 for _, e in before.values())
 
@@ -56,7 +56,7 @@ def test_a_stopped_job_resumes_from_its_last_round_and_the_accountant_continues(
     rounds = json.loads(next((tmp_path / "ws2" / "server").rglob("dpseg_rounds.json")).read_text())
     assert [r["round"] for r in rounds] == [1]
     for site, (entry, old) in before.items():
-        ledger = Ledger.open(tmp_path / "ledgers" / f"{site}.json", 20.0)
+        ledger = Ledger.open(tmp_path / "ledgers" / f"{site}.json")
         assert list(ledger.jobs) == [entry]  # one job, counted once: the resumed run continued it
         now = ledger.jobs[entry]
         assert now["continued_by"] == ["simulate_job"]
