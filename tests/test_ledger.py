@@ -200,3 +200,5 @@ def test_ledger_cli_creates_and_shows_a_ledger(tmp_path):
     assert shown.returncode == 0, shown.stderr
     assert "total:     epsilon 12, delta 5e-05" in shown.stdout and "committed: epsilon 3," in shown.stdout
     assert "job-a: target epsilon 3 at delta 1e-05, spent 0 in 0 steps" in shown.stdout
+    pattern = run_cli("ledger", "init", str(tmp_path / "{site}.json"), "--total-epsilon", "5")
+    assert pattern.returncode == 2 and "give one site's ledger file" in pattern.stderr

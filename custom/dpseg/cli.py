@@ -117,6 +117,10 @@ def cmd_ledger_init(args: argparse.Namespace) -> int:
     from dpseg.ledger import Ledger
     from dpseg.privacy import PrivacyError
 
+    if "{site}" in args.path:
+        print(f"error: {args.path}: give one site's ledger file ({{site}} is replaced only in the site's "
+              "DPSEG_LEDGER / 'ledger' setting)", file=sys.stderr)
+        return 2
     try:
         ledger = Ledger.create(Path(args.path).absolute(), args.total_epsilon, args.total_delta)
     except PrivacyError as err:
