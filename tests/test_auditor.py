@@ -10,7 +10,7 @@ import torch
 from conftest import run_cli
 from dpseg.auditor import score
 from dpseg.datalist import resolve
-from dpseg.dptrain import LocalTrainer, PatientSlices
+from dpseg.dptrain import LocalTrainer, PatientSlices, seeded_slices
 from dpseg.metrics import ssim
 from dpseg.slices import Cohort
 
@@ -19,7 +19,7 @@ def test_cohort_locates_the_trained_slice_and_identification_scores(bundle, coho
     items = resolve(cohort / "site-1" / "datalist.json", "training")
     slices = Cohort(items, bundle.volume_transforms())
     assert slices.slices.shape[1:] == (128, 128) and len(slices) == len(slices.owners)
-    data = PatientSlices(items, bundle.train_transforms(), seed=0)
+    data = seeded_slices(items, bundle.train_transforms(), 0)
     x, _ = data.batch([2])
     index = slices.locate(x[0, 0].numpy(), 2)
     assert slices.owners[index, 0] == 2

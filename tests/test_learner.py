@@ -7,19 +7,19 @@ from dpseg.site import SiteSettings
 
 
 def _learner(cohort, tmp_path, budget, job_id="job-2", resume=None):
-    learner = SiteLearner(dp=True, target_epsilon=8.0, batch_size=2, local_epochs=1.0, resume=resume)
+    learner = SiteLearner(dp=True, target_epsilon=8.0, batch_size=2, sample_rate=0.5, local_steps=2, resume=resume)
     datalist = cohort / "site-1" / "datalist.json"
     learner.settings = SiteSettings("site-1", datalist, tmp_path / "ledger.json", budget)
     learner.app_dir, learner.job_id, learner.site = tmp_path, job_id, "site-1"
     learner.ledger_entry = ledger_entry(job_id, "site-1", resume or {})
     learner.train_items = resolve(datalist, "training")
-    learner.local_steps = 2
+    learner.n_patients, learner.local_steps = 4, 2
     return learner
 
 
 def test_a_refused_job_stays_refused_in_later_rounds(cohort, tmp_path):
     first = Ledger.open(tmp_path / "ledger.json", 10.0)
-    first.reserve("job-1", calibrate(8.0, 1e-5, 1.0, 2, 4, 4))
+    first.reserve("job-1", calibrate(8.0, 1e-5, 1.0, 2, 2 / 4, 4))
     learner = _learner(cohort, tmp_path, 10.0)
     for _ in range(2):  # round after round
         with pytest.raises(PrivacyError, match="privacy budget exceeded"):
@@ -49,10 +49,12 @@ def test_a_resumed_job_continues_the_stopped_jobs_accountant(cohort, tmp_path):
     resumed.accountant.step(4)
     resumed._save_privacy_state()
     # a site whose plan is used up (it trained a round the server never completed) continues with more noise
+    # and the new plan covers every round left, not just the next one
     used_up = _learner(cohort, tmp_path, 20.0, job_id="job-8", resume={"site-1": "job-1"})
-    used_up._start_privacy(num_rounds=1, fl_ctx=None)
+    used_up._start_privacy(num_rounds=2, fl_ctx=None)
     s = used_up.accountant.settings
-    assert s.steps == 8 and s.noise_multiplier > stopped.accountant.settings.noise_multiplier
+    assert s.steps == 6 + 2 * 2 and s.noise_multiplier > stopped.accountant.settings.noise_multiplier
+    used_up.accountant.step(2)
     used_up.accountant.step(2)
     assert used_up.accountant.epsilon() <= 8.0
     unknown = _learner(cohort, tmp_path, 20.0, job_id="job-9", resume={"site-1": "job-0"})
@@ -84,3 +86,11 @@ def test_job_arguments_are_plain_values_never_code(args, error, name):
 def test_a_job_cannot_point_a_site_at_another_bundle():
     with pytest.raises(TypeError):  # no argument takes a bundle path or config: the site's installed copy only
         SiteLearner(bundle_root="/tmp/evil_bundle")
+
+
+@pytest.mark.parametrize("args", [{}, {"sample_rate": 0.25}, {"local_steps": 24}, {"local_epochs": 6.0},
+                                  {"sample_rate": 1.0, "local_steps": 24}])
+def test_a_dp_job_must_state_its_sample_rate_and_steps_instead_of_deriving_them_from_the_cohort(args):
+    with pytest.raises(ValueError, match="add/remove-one accountant treats as private"):
+        SiteLearner(dp=True, **args)
+    SiteLearner(dp=False, **args)  # the non-private baseline may derive them

@@ -2,7 +2,9 @@
 
 Reads what the server kept: ``dpseg_rounds.json`` (per round and site: privacy meta, validation
 Dice, steps; wall time) and ``cross_site_val/cross_val_results.json`` (each global model's Dice on
-each site's test patients). Never reads a site's data or paths.
+each site's test patients). Where the workspace also holds the sites' folders (the simulator, POC),
+each site's own record of its training time and memory (``SITE_ROUNDS_FILE``, never sent to the
+server). Never reads a site's data or paths.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 from pathlib import Path
 
 from dpseg.server import BUNDLE_OUT, ROUNDS_FILE
+from dpseg.wire import SITE_ROUNDS_FILE
 
 AUDIT_FILE = "dpseg_audit.json"  # written by dpseg.auditor.AuditController
 REJECTED_FILE = "dpseg_rejected.json"  # written by dpseg.validation.UpdateValidator
@@ -38,6 +41,16 @@ def find_run_dir(workspace: Path) -> Path:
     return found[-1].parent
 
 
+def site_rounds(workspace: Path) -> dict[tuple[str, int], dict]:
+    """{(site, round): the site's own record of that round (train_seconds, peak_rss_mb)} from every
+    SITE_ROUNDS_FILE under ``workspace`` (empty where the sites' folders are elsewhere)."""
+    records = {}
+    for path in sorted(Path(workspace).rglob(SITE_ROUNDS_FILE), key=lambda p: p.stat().st_mtime):
+        for rec in json.loads(path.read_text()):
+            records[(rec["site"], rec["round"])] = rec
+    return records
+
+
 def _new_site() -> dict:
     return {"rounds": 0, "privacy": None, "val_dice": None}
 
@@ -46,14 +59,16 @@ def build_report(workspace: Path) -> dict:
     run = find_run_dir(workspace)
     rounds = json.loads((run / ROUNDS_FILE).read_text())
     sites: dict[str, dict] = {}
+    kept = site_rounds(workspace)
     for rec in rounds:
         for site, contrib in rec["sites"].items():
             entry = sites.setdefault(site, _new_site())
             entry["rounds"] += 1
             entry["privacy"] = contrib.get("privacy")
             entry["val_dice"] = (contrib.get("metrics") or {}).get("val_dice")
-            entry["peak_rss_mb"] = max(entry.get("peak_rss_mb") or 0, contrib.get("peak_rss_mb") or 0)
-            entry["train_seconds"] = entry.get("train_seconds", 0) + (contrib.get("train_seconds") or 0)
+            own = kept.get((site, rec["round"])) or {}
+            entry["peak_rss_mb"] = max(entry.get("peak_rss_mb") or 0, own.get("peak_rss_mb") or 0)
+            entry["train_seconds"] = entry.get("train_seconds", 0) + (own.get("train_seconds") or 0)
     cross = run / "cross_site_val" / "cross_val_results.json"
     test = json.loads(cross.read_text()) if cross.exists() else {}
     for site, models in test.items():

@@ -35,14 +35,18 @@ from dpseg.jobs import JOBS_DIR, configure_job, run_simulator
 @dataclass
 class Grid:
     """Study settings. patients: per site of the synthetic cohort (cohort seed 0); rounds x
-    local_epochs of local training per round, Poisson batch_size; epsilons of the DP arms (delta
-    1e-5, patient level); seeds; audit: rounds audited, attack iterations x restarts."""
+    local_epochs of local training per round (the local and pooled arms), Poisson batch_size; the
+    federated arms' public sample_rate and local_steps per round (FL and FL+DP alike; batch_size is
+    the expected batch the update is divided by); epsilons of the DP arms (delta 1e-5, patient level); seeds; audit:
+    rounds audited, attack iterations x restarts."""
 
     name: str
     patients: list[int]
     rounds: int
     local_epochs: float
     batch_size: int
+    sample_rate: float
+    local_steps: int
     epsilons: list[float]
     seeds: list[int]
     audit_rounds: int
@@ -81,10 +85,12 @@ class Grid:
 
 
 GRIDS = {
-    "quick": Grid("quick", [16, 16, 16], rounds=4, local_epochs=3.0, batch_size=4, epsilons=[8.0, 3.0, 1.0],
+    "quick": Grid("quick", [16, 16, 16], rounds=4, local_epochs=3.0, batch_size=4, sample_rate=0.35, local_steps=9,
+                  epsilons=[8.0, 3.0, 1.0],
                   seeds=[0], audit_rounds=2, attack_iterations=100, attack_restarts=1, attack_refine_iterations=50,
                   minutes_per_run=1.0, minutes_per_audit=3.0),
-    "full": Grid("full", [60, 90, 120], rounds=20, local_epochs=6.0, batch_size=16, epsilons=[8.0, 3.0, 1.0],
+    "full": Grid("full", [60, 90, 120], rounds=20, local_epochs=6.0, batch_size=16, sample_rate=0.25, local_steps=24,
+                 epsilons=[8.0, 3.0, 1.0],
                  seeds=[0, 1, 2], audit_rounds=2, attack_iterations=300, attack_restarts=1, attack_refine_iterations=200,
                  minutes_per_run={"local": 4.5, "pooled": 12.0, "fed": 9.0, "fed_dp": 9.5}, minutes_per_audit=6.5),
 }
@@ -218,14 +224,19 @@ def train_arm(study: Study, arm: Arm, seed: int) -> dict:
         return done
     started = time.perf_counter()
     clients = {"local": [arm.site], "pooled": ["pooled"]}.get(arm.kind, study.sites)
-    client = {"batch_size": g.batch_size, "local_epochs": g.local_epochs}
+    learner = {"seed": seed}
+    if arm.kind in ("fed", "fed_dp"):  # FL and FL+DP differ only in DP: the same public sampling
+        client = {"batch_size": g.batch_size, "sample_rate": g.sample_rate, "local_steps": g.local_steps}
+    else:  # one site or the pool alone: epochs of its own patients (nothing is shared)
+        client = {"batch_size": g.batch_size, "sample_rate": 0.0, "local_steps": 0}
+        learner["local_epochs"] = g.local_epochs
     if arm.kind == "fed_dp":
         client["target_epsilon"] = arm.epsilon
     server = {"num_rounds": g.rounds, "min_clients": len(clients)}
     if arm.kind == "fed_dp":
         server["target_epsilon"] = arm.epsilon
     job = configure_job(JOBS_DIR / ("fed_dp" if arm.kind == "fed_dp" else "fed"), run / "job", server, client,
-                        persistor_args={"seed": seed}, learner_args={"seed": seed})
+                        persistor_args={"seed": seed}, learner_args=learner)
     pooled = study.cohort / "datalist.json" if arm.kind == "pooled" else None
     ws, wall = simulate_complete(study, job, run, study.env(run / "ledger_{site}.json", pooled), clients)
     report = build_report(ws)

@@ -14,7 +14,8 @@ from dpseg.report import build_report
 from dpseg.study import Grid, Study, run_study
 
 pytestmark = pytest.mark.xdist_group("tiny_study")  # one worker runs the tiny study, once
-GRID = Grid("tiny", [6, 6], rounds=1, local_epochs=1.0, batch_size=2, epsilons=[8.0], seeds=[0],
+GRID = Grid("tiny", [6, 6], rounds=1, local_epochs=1.0, batch_size=2, sample_rate=0.5, local_steps=2,
+            epsilons=[8.0], seeds=[0],
             audit_rounds=1, attack_iterations=10, attack_restarts=1, attack_refine_iterations=10, minutes_per_run=1, minutes_per_audit=1)
 REPORT_KEYS = {"ssim", "psnr", "mse", "identified", "patient_identified", "baseline_ssim", "chance", "seconds"}
 
