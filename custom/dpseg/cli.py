@@ -180,7 +180,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from dpseg.auditor import attack_settings, audit_update
     from dpseg.bundle import Bundle
     from dpseg.datalist import resolve
-    from dpseg.prior import load_prior
+    from dpseg.prior import PRIOR_SPECS, load_prior, prior_from_datalist
     from dpseg.slices import Cohort
 
     record = _load_torch(args.update, "update")
@@ -211,8 +211,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                warp_step=args.warp_step, intensity_shift=bundle.intensity_shift())
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            prior = load_prior(args.prior, Path(args.prior_dir or args.out or scratch), bundle.volume_transforms(),
-                               args.prior_components, progress=lambda m: print(m, flush=True))
+            if args.prior in PRIOR_SPECS:
+                prior = load_prior(args.prior, Path(args.prior_dir or args.out or scratch), bundle.volume_transforms(),
+                                   args.prior_components, progress=lambda m: print(m, flush=True))
+            elif Path(args.prior).is_file():  # this operator's own public datalist (a job can name none)
+                prior = prior_from_datalist(Path(args.prior), bundle.volume_transforms(), args.prior_components)
+            else:
+                raise ValueError(f"--prior {args.prior}: neither a built-in prior ({', '.join(PRIOR_SPECS)}) nor a "
+                                 "public datalist file")
         except (FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
