@@ -37,7 +37,8 @@ MIN_RELEASED_UPDATES = 2  # a mean over one update of one slice would be that sl
 NOT_DP_NOTE = ("NOT DP-protected: aggregate audit metrics released by the site's choice (its audit_release "
                "setting); computed from its training slices and not counted in its privacy ledger")
 KEPT_NOTE = (f"kept at the sites: <site workspace>/{SITE_AUDIT_DIR}/<job id>/{SITE_RESULTS_FILE} with the "
-             "reconstructions (read them there with `dpseg report`); the server got acknowledgements only")
+             "reconstructions (read them there with `dpseg report`); the server gets an acknowledgement from each "
+             "site, and aggregate means (NOT DP-protected) only from a site whose audit_release setting releases them")
 
 # the reply's fields (DXO data of the audit task's result)
 REPLY_STATUS = "status"

@@ -92,13 +92,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_init_workspace(args: argparse.Namespace) -> int:
+    from dpseg.site import AUDIT_RELEASE_KEY
     from dpseg.workspace import allow_dpseg, write_site_settings
 
     def absolute(path: str | None) -> str | None:
         return str(Path(path).absolute()) if path else None
 
     site = {"datalist": absolute(args.datalist), "data_root": absolute(args.data_root),
-            "total_epsilon": args.total_epsilon, "ledger": absolute(args.ledger)}
+            "total_epsilon": args.total_epsilon, "ledger": absolute(args.ledger), AUDIT_RELEASE_KEY: args.audit_release}
     for folder in args.workspace:
         print(f"wrote {allow_dpseg(Path(folder))} (class allow-list: NVFlare's defaults + dpseg.)")
         if any(v is not None for v in site.values()):
@@ -255,6 +256,8 @@ def cmd_monailabel_check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dpseg.auditresults import RELEASE_CHOICES
+
     parser = argparse.ArgumentParser(prog="dpseg", description=(
         "Federated CT liver segmentation with patient-level differential privacy."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -283,10 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="site setting: else <data-root>/<site>/datalist.json")
     p.add_argument("--total-epsilon", type=float, help="site setting: total epsilon budget across all jobs")
     p.add_argument("--ledger", help="site setting: the privacy ledger file ({site} is replaced)")
+    p.add_argument("--audit-release", choices=RELEASE_CHOICES,
+                   help="site setting: what its audits send the server (none, the default; aggregate: means over its "
+                        "audited updates, NOT DP-protected)")
     p.set_defaults(func=cmd_init_workspace)
 
-    p = sub.add_parser("report", help="privacy and utility report of a finished NVFlare workspace")
-    p.add_argument("workspace", help="simulator workspace (-w), or a downloaded job result folder")
+    p = sub.add_parser("report", help="privacy and utility report of a finished NVFlare workspace, or the audit "
+                                       "results a site kept")
+    p.add_argument("workspace", help="simulator workspace (-w), a downloaded job result folder, or a site's workspace "
+                                     "(or its dpseg_audit/<job id> folder) for the audit results kept there")
     p.add_argument("--json", help="where to write the JSON report (default: WORKSPACE/dpseg_report.json)")
     p.set_defaults(func=cmd_report)
 
