@@ -185,8 +185,7 @@ def format_released(released: dict) -> list[str]:
 
 def format_site_audit(audit: dict) -> list[str]:
     """Lines of ``site_audit_summary``: the kept per-update table and what each site released."""
-    lines = format_audit(audit, title="audit results kept at the sites (never sent to the server; not "
-                                      "DP-protected)")
+    lines = format_audit(audit, title="audit results kept at the sites, never sent to the server, not DP-protected")
     for site, r in sorted((audit.get("released") or {}).items()):
         if not r:
             lines.append(f"{site}: released nothing to the server")
