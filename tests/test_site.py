@@ -44,3 +44,22 @@ def test_missing_budget_and_missing_datalist_fail_loudly(cohort, monkeypatch, tm
         load_site_settings("site-1", tmp_path)
     with pytest.raises(SiteConfigError, match="does not exist"):
         load_site_settings("site-9", tmp_path)
+
+
+def test_audit_release_is_none_unless_the_site_chooses_aggregate(tmp_path, monkeypatch):
+    from dpseg.site import audit_release
+
+    monkeypatch.delenv("DPSEG_AUDIT_RELEASE", raising=False)
+    assert audit_release(tmp_path) == "none" and audit_release(None) == "none"
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "dpseg_site.json").write_text(json.dumps({"audit_release": "aggregate"}))
+    assert audit_release(tmp_path) == "aggregate"
+    monkeypatch.setenv("DPSEG_AUDIT_RELEASE", "none")  # the environment comes first
+    assert audit_release(tmp_path) == "none"
+    monkeypatch.setenv("DPSEG_AUDIT_RELEASE", "all")
+    with pytest.raises(SiteConfigError, match="DPSEG_AUDIT_RELEASE='all': must be one of none, aggregate"):
+        audit_release(tmp_path)
+    monkeypatch.delenv("DPSEG_AUDIT_RELEASE")
+    (tmp_path / "local" / "dpseg_site.json").write_text(json.dumps({"audit_release": True}))
+    with pytest.raises(SiteConfigError, match="'audit_release' in .*dpseg_site.json=True"):
+        audit_release(tmp_path)

@@ -92,13 +92,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_init_workspace(args: argparse.Namespace) -> int:
+    from dpseg.site import AUDIT_RELEASE_KEY
     from dpseg.workspace import allow_dpseg, write_site_settings
 
     def absolute(path: str | None) -> str | None:
         return str(Path(path).absolute()) if path else None
 
     site = {"datalist": absolute(args.datalist), "data_root": absolute(args.data_root),
-            "total_epsilon": args.total_epsilon, "ledger": absolute(args.ledger)}
+            "total_epsilon": args.total_epsilon, "ledger": absolute(args.ledger), AUDIT_RELEASE_KEY: args.audit_release}
     for folder in args.workspace:
         print(f"wrote {allow_dpseg(Path(folder))} (class allow-list: NVFlare's defaults + dpseg.)")
         if any(v is not None for v in site.values()):
@@ -180,7 +181,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from dpseg.auditor import attack_settings, audit_update
     from dpseg.bundle import Bundle
     from dpseg.datalist import resolve
-    from dpseg.prior import load_prior
+    from dpseg.prior import PRIOR_SPECS, load_prior, prior_from_datalist
     from dpseg.slices import Cohort
 
     record = _load_torch(args.update, "update")
@@ -211,8 +212,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                warp_step=args.warp_step, intensity_shift=bundle.intensity_shift())
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            prior = load_prior(args.prior, Path(args.prior_dir or args.out or scratch), bundle.volume_transforms(),
-                               args.prior_components, progress=lambda m: print(m, flush=True))
+            if args.prior in PRIOR_SPECS:
+                prior = load_prior(args.prior, Path(args.prior_dir or args.out or scratch), bundle.volume_transforms(),
+                                   args.prior_components, progress=lambda m: print(m, flush=True))
+            elif Path(args.prior).is_file():  # this operator's own public datalist (a job can name none)
+                prior = prior_from_datalist(Path(args.prior), bundle.volume_transforms(), args.prior_components)
+            else:
+                raise ValueError(f"--prior {args.prior}: neither a built-in prior ({', '.join(PRIOR_SPECS)}) nor a "
+                                 "public datalist file")
         except (FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -249,6 +256,8 @@ def cmd_monailabel_check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dpseg.auditresults import RELEASE_CHOICES
+
     parser = argparse.ArgumentParser(prog="dpseg", description=(
         "Federated CT liver segmentation with patient-level differential privacy."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -277,10 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="site setting: else <data-root>/<site>/datalist.json")
     p.add_argument("--total-epsilon", type=float, help="site setting: total epsilon budget across all jobs")
     p.add_argument("--ledger", help="site setting: the privacy ledger file ({site} is replaced)")
+    p.add_argument("--audit-release", choices=RELEASE_CHOICES,
+                   help="site setting: what its audits send the server (none, the default; aggregate: means over its "
+                        "audited updates, NOT DP-protected)")
     p.set_defaults(func=cmd_init_workspace)
 
-    p = sub.add_parser("report", help="privacy and utility report of a finished NVFlare workspace")
-    p.add_argument("workspace", help="simulator workspace (-w), or a downloaded job result folder")
+    p = sub.add_parser("report", help="privacy and utility report of a finished NVFlare workspace, or the audit "
+                                       "results a site kept")
+    p.add_argument("workspace", help="simulator workspace (-w), a downloaded job result folder, or a site's workspace "
+                                     "(or its dpseg_audit/<job id> folder) for the audit results kept there")
     p.add_argument("--json", help="where to write the JSON report (default: WORKSPACE/dpseg_report.json)")
     p.set_defaults(func=cmd_report)
 

@@ -14,6 +14,10 @@ DPSEG_LEDGER           ledger                      privacy ledger ("{site}" repl
                                                    ``privacy_ledger.json`` beside the datalist)
 DPSEG_TOTAL_EPSILON    total_epsilon               the site's total epsilon budget across jobs
 =====================  ==========================  ==============================================
+
+One more, read on its own by ``audit_release``: ``DPSEG_AUDIT_RELEASE`` / ``audit_release``, what the
+site's audits may send to the server (``none``, the default: nothing about its training slices;
+``aggregate``: means over its audited updates, NOT DP-protected; see ``dpseg.auditresults``).
 """
 
 from __future__ import annotations
@@ -84,3 +88,23 @@ def load_site_settings(site: str, workspace_root: Path | None = None, synthetic_
     except ValueError:
         raise SiteConfigError(f"site {site}: {ENV['total_epsilon']}={budget!r} is not a number") from None
     return SiteSettings(site, datalist, ledger, total)
+
+
+AUDIT_RELEASE_ENV = "DPSEG_AUDIT_RELEASE"
+AUDIT_RELEASE_KEY = "audit_release"
+
+
+def audit_release(workspace_root: Path | None = None) -> str:
+    """The site's choice of what its audits send to the server: ``$DPSEG_AUDIT_RELEASE``, else
+    ``audit_release`` in ``<workspace_root>/local/dpseg_site.json``, else ``"none"``. One of
+    ``dpseg.auditresults.RELEASE_CHOICES``; anything else raises SiteConfigError naming the setting."""
+    from dpseg.auditresults import RELEASE_CHOICES, RELEASE_NONE
+
+    file_values, file_name = _file_settings(workspace_root)
+    if os.environ.get(AUDIT_RELEASE_ENV):
+        value, where = os.environ[AUDIT_RELEASE_ENV], AUDIT_RELEASE_ENV
+    else:
+        value, where = file_values.get(AUDIT_RELEASE_KEY, RELEASE_NONE), f"'{AUDIT_RELEASE_KEY}' in {file_name}"
+    if value not in RELEASE_CHOICES:
+        raise SiteConfigError(f"{where}={value!r}: must be one of {', '.join(RELEASE_CHOICES)}")
+    return value

@@ -10,7 +10,8 @@ the real NVFlare simulator:
 
 and scores each best global model on every site's test patients (whole volumes, mean Dice per
 site, then the mean over sites). Then the auditor (``jobs/fed_dp_audit``) attacks intercepted
-updates with DP off and at each epsilon. It writes ``results.md`` (or ``results_<grid>.md``),
+updates with DP off and at each epsilon; the study reads the audit results where the sites kept
+them (``run_audit``), since it plays every site. It writes ``results.md`` (or ``results_<grid>.md``),
 ``study_<grid>.json`` and figures. Seeds change the initial global model and, without DP, the
 slice draws; DP noise is fresh in every run.
 """
@@ -278,7 +279,8 @@ def audit_folder(study: Study, epsilon: float | None) -> Path:
 
 def audit_level(study: Study, epsilon: float | None) -> dict:
     """The canonical audit (batch 1, one SGD step per round) with DP off (None) or at ``epsilon``,
-    on the first two sites; returns the report's audit summary and where the reconstructions are."""
+    on the first two sites; returns the summary of the results the sites kept
+    (``dpseg.report.summarize_audit``) and where the reconstructions are."""
     g = study.grid
     run = audit_folder(study, epsilon)
     if (done := finished(run, g, audit=True)) is None:
@@ -288,8 +290,18 @@ def audit_level(study: Study, epsilon: float | None) -> dict:
 
 
 def run_audit(study: Study, epsilon: float | None, run: Path) -> dict:
-    """``audit_level``'s audit job in ``run`` (an empty folder); returns the result it keeps."""
-    from dpseg.report import build_report
+    """``audit_level``'s audit job in ``run`` (an empty folder); returns the result it keeps.
+
+    The audit's results are read where the sites kept them (``dpseg.auditresults``: each site's
+    ``dpseg_audit/<job id>/audit_results.json`` in the simulator workspace), not from the server:
+    the study plays every site itself, so it may read what each site keeps, and it needs the
+    per-update scores and ranks that a site never sends. So nothing is released: the study's
+    simulator runs set ``DPSEG_AUDIT_RELEASE`` to ``none`` (whatever the caller's environment
+    says), and the server's ``dpseg_audit.json`` holds acknowledgements only.
+    """
+    from dpseg.auditresults import RELEASE_NONE, SITE_AUDIT_DIR, find_site_results, read_site_results
+    from dpseg.report import summarize_audit
+    from dpseg.site import AUDIT_RELEASE_ENV
 
     g = study.grid
     started = time.perf_counter()
@@ -301,9 +313,13 @@ def run_audit(study: Study, epsilon: float | None, run: Path) -> dict:
         server["target_epsilon"] = client["target_epsilon"] = epsilon
     job = configure_job(JOBS_DIR / "fed_dp_audit", run / "job", server, client)
     clients = study.sites[:2]
-    ws, wall = simulate_complete(study, job, run, study.env(run / "ledger_{site}.json"), clients)
-    audit = build_report(ws)["audit"] or {}
-    folders = sorted(ws.glob("site-*/simulate_job/app_site-*/audit/round*"))
+    env = {**study.env(run / "ledger_{site}.json"), AUDIT_RELEASE_ENV: RELEASE_NONE}
+    ws, wall = simulate_complete(study, job, run, env, clients)
+    kept = find_site_results(ws)
+    if not kept:
+        raise RuntimeError(f"{run.name}: no site kept audit results in {ws}; see the simulator log in {run}")
+    audit = summarize_audit(read_site_results(kept))
+    folders = sorted(ws.glob(f"site-*/{SITE_AUDIT_DIR}/*/round*"))
     return keep(run, g, {"level": "no DP" if epsilon is None else f"eps {epsilon:g}", "epsilon": epsilon,
                          "wall_seconds": wall, "summary": audit, "elapsed_seconds": time.perf_counter() - started,
                          "examples": [str(f.relative_to(run)) for f in folders if (f / "reconstruction.npy").exists()]})

@@ -130,7 +130,9 @@ def write_markdown(results: dict, figures: dict[str, Path]) -> str:
                   "(1: identified), and for the attack's own uninformed guess; patient identified: the most "
                   "similar slice is one of the true patient's (chance: 1 / patients); bound: the (epsilon, delta) "
                   "reconstruction-robustness bound on identification (e^eps x chance + delta), GDP~ its "
-                  "central-limit approximation.", "",
+                  "central-limit approximation. These are the sites' own results, read from their workspaces (the study "
+                  "plays every site): no site sent them to the server, and none is DP-protected (they are computed "
+                  "from the sites' training slices).", "",
                   "| level | updates scored | SSIM | uninformed SSIM | PSNR (dB) | identified | rank | uninformed rank "
                   "| chance | bound | GDP~ | patient identified | chance | bound | s / update |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
