@@ -57,6 +57,7 @@ from dpseg.prior import PRIOR_SPECS, ImagePrior, load_prior
 from dpseg.privacy import reconstruction_bound_eps_delta, reconstruction_bound_gdp
 from dpseg.report import AUDIT_FILE
 from dpseg.slices import Cohort
+from dpseg.wire import ERROR_HEADER, error_header
 
 AUDIT_TASK = "audit"
 INTERCEPT_DIR = "intercepted"
@@ -349,8 +350,6 @@ class AuditController(Controller):
         self.log_info(fl_ctx, f"audit acknowledgements written to {self.run_dir / AUDIT_FILE}; results {KEPT_NOTE}")
 
     def _received(self, client_task: ClientTask, fl_ctx: FLContext) -> None:
-        from dpseg.learner import ERROR_HEADER
-
         result, site = client_task.result, client_task.client.name
         record = {"site": site, "rounds": client_task.task.props["rounds"]}
         if result.get_return_code() != ReturnCode.OK:
@@ -410,7 +409,7 @@ class SiteAuditor(Executor):
             return self._execute(shareable, attack, fl_ctx)
         except Exception as err:  # the server learns that the audit failed; the why stays at the site
             self.log_exception(fl_ctx, "audit failed")
-            return _error_reply(f"audit failed at the site ({type(err).__name__}); details in the site's log")
+            return _error_reply(error_header("audit"))
 
     def _execute(self, shareable: Shareable, attack: dict, fl_ctx: FLContext) -> Shareable:
         from dpseg.learner import site_folders
@@ -443,7 +442,7 @@ class SiteAuditor(Executor):
         write_site_results(folder, site, job_id, attack, release, rows, released)
         if failed := [r["round"] for r in rows if "error" in r]:
             self.log_error(fl_ctx, f"audit of round(s) {failed} failed; see {folder / SITE_RESULTS_FILE}")
-            return _error_reply(f"audit failed at the site for round(s) {failed}; details kept at the site")
+            return _error_reply(error_header("audit"))
         self.log_info(fl_ctx, f"audit done: results kept in {folder}; release to the server: {release}"
                               + ("" if release == RELEASE_NONE else
                                  f" ({'aggregate means' if released else 'nothing: too few scored updates'})"))
@@ -488,8 +487,6 @@ class SiteAuditor(Executor):
 
 
 def _error_reply(message: str) -> Shareable:
-    from dpseg.learner import ERROR_HEADER
-
     reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
     reply.set_header(ERROR_HEADER, message)
     return reply
