@@ -10,7 +10,7 @@ import torch
 from conftest import run_cli
 from dpseg.auditor import score
 from dpseg.datalist import resolve
-from dpseg.dptrain import LocalTrainer, PatientSlices
+from dpseg.dptrain import LocalTrainer, PatientSlices, seeded_slices
 from dpseg.metrics import ssim
 from dpseg.slices import Cohort
 
@@ -19,7 +19,7 @@ def test_cohort_locates_the_trained_slice_and_identification_scores(bundle, coho
     items = resolve(cohort / "site-1" / "datalist.json", "training")
     slices = Cohort(items, bundle.volume_transforms())
     assert slices.slices.shape[1:] == (128, 128) and len(slices) == len(slices.owners)
-    data = PatientSlices(items, bundle.train_transforms(), seed=0)
+    data = seeded_slices(items, bundle.train_transforms(), 0)
     x, _ = data.batch([2])
     index = slices.locate(x[0, 0].numpy(), 2)
     assert slices.owners[index, 0] == 2
@@ -107,3 +107,122 @@ def test_the_audit_workflow_takes_the_jobs_attack_and_refuses_what_sites_set():
         AuditController(iteratons=5)
     with pytest.raises(ValueError, match="warp_grid 0 or >= 2"):
         AuditController(warp_grid=1)
+
+
+# ------------------------------------------------------------------ the audit task at a site (SiteAuditor)
+TINY_ATTACK = {"iterations": 2, "restarts": 1, "label": "known", "simulate": "single", "prior": "none"}
+NEVER_SENT = {"slice_rank", "patient_rank", "baseline_slice_rank", "patients_in_update", "cohort_slices",
+              "cohort_patients", "chance", "patient_chance", "batch_size", "seconds", "matching_loss"}
+
+
+def _site_with_two_audited_rounds(bundle, cohort, root, release: str | None = None) -> tuple:
+    """A site's workspace ``root`` (its settings in local/dpseg_site.json) with the job folder
+    ``job1/app_site-1`` holding two rounds of training batches (one patient each, as the audit job
+    trains), and the server's records of the two updates. Returns (FL context, records)."""
+    from nvflare.apis.fl_constant import FLContextKey, ReservedKey
+    from nvflare.apis.fl_context import FLContext
+
+    from dpseg.learner import save_batches
+
+    datalist = cohort / "site-1" / "datalist.json"
+    (root / "local").mkdir(parents=True)
+    settings = {"datalist": str(datalist), **({"audit_release": release} if release else {})}
+    (root / "local" / "dpseg_site.json").write_text(json.dumps(settings))
+    app_dir = root / "job1" / "app_site-1"
+    records = []
+    for current_round in (0, 1):
+        net = bundle.network()
+        global_state = {k: v.clone() for k, v in net.state_dict().items()}
+        trainer = LocalTrainer(net, bundle.loss(), PatientSlices(resolve(datalist, "training"), bundle.train_transforms()),
+                               0.01, 1, None, seed=current_round, optimizer="sgd", sampling="fixed", record=True)
+        trainer.run(1)
+        save_batches(app_dir, current_round, trainer.batches)
+        update = {k: net.state_dict()[k] - global_state[k] for k, _ in net.named_parameters()}
+        records.append({"site": "site-1", "round": current_round, "update": update, "global": global_state,
+                        "meta": {"privacy": {"dp": False}, "training": {"local_steps": 1, "learning_rate": 0.01,
+                                                                         "batch_size": 1}}})
+    fl_ctx = FLContext()
+    fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, "site-1", private=False, sticky=True)
+    fl_ctx.set_prop(FLContextKey.APP_ROOT, str(app_dir), private=True, sticky=False)
+    return fl_ctx, records
+
+
+def _run_audit_task(fl_ctx, records, attack=TINY_ATTACK):
+    from nvflare.apis.signal import Signal
+
+    from dpseg.auditor import SiteAuditor, audit_task
+
+    return SiteAuditor().execute("audit", audit_task(records, attack), fl_ctx, Signal())
+
+
+@pytest.fixture
+def no_site_env(monkeypatch):
+    for var in ("DPSEG_DATALIST", "DPSEG_DATA_ROOT", "DPSEG_LEDGER", "DPSEG_TOTAL_EPSILON", "DPSEG_AUDIT_RELEASE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_by_default_the_audit_reply_holds_nothing_about_the_training_slices(bundle, cohort, tmp_path, no_site_env):
+    from nvflare.apis.dxo import from_shareable
+    from nvflare.apis.fl_constant import ReturnCode
+
+    from dpseg.auditresults import SITE_RESULTS_FILE, acknowledgement
+
+    fl_ctx, records = _site_with_two_audited_rounds(bundle, cohort, tmp_path)
+    reply = _run_audit_task(fl_ctx, records)
+    assert reply.get_return_code() == ReturnCode.OK
+    assert from_shareable(reply).data == acknowledgement("none", None) == {"status": "kept at the site",
+                                                                          "release": "none"}
+    # everything stays in the site's folder of this job, readable there
+    folder = tmp_path / "dpseg_audit" / "job1"
+    kept = json.loads((folder / SITE_RESULTS_FILE).read_text())
+    assert kept["release"] == "none" and kept["released"] is None and kept["attack"] == TINY_ATTACK
+    assert [(r["site"], r["round"]) for r in kept["updates"]] == [("site-1", 0), ("site-1", 1)]
+    assert all({"ssim", "slice_rank", "patients_in_update", "cohort_slices"} <= set(r) for r in kept["updates"])
+    assert all((folder / f"round{r}" / "reconstruction.npy").exists() for r in (0, 1))
+    assert "SSIM" in (folder / "audit.log").read_text()  # the scores go to the site's audit log, not the job's
+    report = run_cli("report", str(tmp_path))
+    assert report.returncode == 0, report.stderr[-2000:]
+    assert "kept at the sites" in report.stdout and "site-1: released nothing" in report.stdout
+
+
+def test_a_site_that_releases_aggregates_sends_only_means_marked_not_dp_protected(bundle, cohort, tmp_path,
+                                                                                   no_site_env):
+    from nvflare.apis.dxo import from_shareable
+
+    from dpseg.auditresults import RELEASED_KEYS, received
+
+    fl_ctx, records = _site_with_two_audited_rounds(bundle, cohort, tmp_path, release="aggregate")
+    data = from_shareable(_run_audit_task(fl_ctx, records)).data
+    assert set(data) == {"status", "release", "released"} and data["release"] == "aggregate"
+    released = data["released"]
+    assert released["dp_protected"] is False and "NOT DP-protected" in released["note"]
+    assert set(released["means"]) == set(RELEASED_KEYS) and not NEVER_SENT & (set(data) | set(released["means"]))
+    kept = json.loads((tmp_path / "dpseg_audit" / "job1" / "audit_results.json").read_text())
+    ssims = [r["ssim"] for r in kept["updates"]]
+    assert released["means"]["ssim"] == pytest.approx(sum(ssims) / 2)  # the mean over the two updates, not either
+    assert received(data) == data  # the server keeps it as sent, marked
+    # with one update only, the "mean" would be one slice's values: nothing is released
+    fl_ctx, records = _site_with_two_audited_rounds(bundle, cohort, tmp_path / "one", release="aggregate")
+    assert "released" not in from_shareable(_run_audit_task(fl_ctx, records[:1])).data
+    report = run_cli("report", str(tmp_path / "dpseg_audit" / "job1"))
+    assert report.returncode == 0 and "NOT DP-protected" in report.stdout
+
+
+def test_a_job_naming_a_prior_file_is_refused_before_the_site_reads_it(bundle, cohort, tmp_path, no_site_env):
+    from nvflare.apis.fl_constant import ReturnCode
+
+    from dpseg.auditor import AuditController
+    from dpseg.learner import ERROR_HEADER
+
+    public = cohort / "site-2" / "datalist.json"  # a real datalist: the site must not read it for the job
+    fl_ctx, records = _site_with_two_audited_rounds(bundle, cohort, tmp_path)
+    for attack in ({**TINY_ATTACK, "prior": str(public)}, {**TINY_ATTACK, "prior": "synthetic",
+                                                           "prior_components": "1/../../x"}):
+        reply = _run_audit_task(fl_ctx, records, attack)
+        assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+        assert "audit refused: attack_prior" in reply.get_header(ERROR_HEADER)
+    assert not (tmp_path / "dpseg_audit").exists() and not (tmp_path / "audit_prior").exists()  # nothing read or built
+    with pytest.raises(ValueError, match="attack_prior in the audit job's config_fed_server.json must name a built-in"):
+        AuditController(prior=str(public))
+    with pytest.raises(TypeError, match="attack_prior_components .* must be a plain int"):
+        AuditController(prior_components="1/../x")

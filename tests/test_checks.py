@@ -103,7 +103,28 @@ def test_same_patient_in_two_splits(site_copy):
     path.write_text(json.dumps(data))
     problems = _problems(site_copy)
     pid = data["training"][0]["patient"]
-    assert problems == [f"{path}: patient {pid} is in both 'training' and 'test'"]
+    assert problems[0] == f"{path}: patient {pid} is in both 'training' and 'test'"
+    assert len(problems) == 2 and "lists image" in problems[1]  # and the same scan twice
+
+
+def test_the_same_scan_listed_twice_in_one_split_is_refused(site_copy):
+    path = site_copy / "datalist.json"
+    data = json.loads(path.read_text())
+    twin = dict(data["training"][0], patient="someone-else")  # even under another patient's name
+    data["training"].append(twin)
+    path.write_text(json.dumps(data))
+    (problem,) = _problems(site_copy)
+    assert problem.startswith(f"{path}: training[{len(data['training']) - 1}] lists image {twin['image']} again")
+
+
+def test_a_patient_with_two_scans_is_one_patient(site_copy):
+    path = site_copy / "datalist.json"
+    data = json.loads(path.read_text())
+    first, second = data["training"][:2]
+    data["training"][1] = dict(second, patient=first["patient"])  # the second scan of the first patient
+    path.write_text(json.dumps(data))
+    report = check_datalist(path)
+    assert report.ok and report.patients["training"] == len(data["training"]) - 1
 
 
 def test_invalid_json(site_copy):

@@ -1,9 +1,11 @@
+import numpy as np
 import pytest
 import torch
 
 from dpseg.datalist import resolve
-from dpseg.dptrain import LocalTrainer, PatientSlices, StepStats, poisson_sample
+from dpseg.dptrain import LocalTrainer, PatientSlices, StepStats, poisson_sample, secure_slices, seeded_slices
 from dpseg.privacy import Accountant, calibrate
+from dpseg.securerandom import SecureRandom
 
 
 def _data(bundle, cohort):
@@ -20,7 +22,7 @@ def test_poisson_sample_rate():
 def test_empty_poisson_batches_still_add_noise_under_dp(bundle, cohort):
     data = _data(bundle, cohort)
     net = bundle.network()
-    settings = calibrate(8.0, 1e-5, 1.0, 1, 4, 3)
+    settings = calibrate(8.0, 1e-5, 1.0, 1, 1 / 4, 3)
     settings = type(settings)(**{**settings.__dict__, "sample_rate": 1e-9})  # force empty samples
     acc = Accountant(settings)
     trainer = LocalTrainer(net, bundle.loss(), data, 1e-3, 1, acc, seed=0)
@@ -47,7 +49,7 @@ def test_dp_training_keeps_plain_state_dict_keys(bundle, cohort):
     data = _data(bundle, cohort)
     net = bundle.network()
     keys = list(net.state_dict())
-    acc = Accountant(calibrate(8.0, 1e-5, 1.0, 2, 4, 2))
+    acc = Accountant(calibrate(8.0, 1e-5, 1.0, 2, 2 / 4, 2))
     trainer = LocalTrainer(net, bundle.loss(), data, 1e-3, 2, acc, seed=1)
     stats = trainer.run(2)
     trainer.close()
@@ -66,7 +68,7 @@ def test_step_stats_mean_loss():
 
 def test_fixed_sampling_is_refused_with_dp_and_records_exact_batches_without(bundle, cohort):
     data = _data(bundle, cohort)
-    acc = Accountant(calibrate(8.0, 1e-5, 1.0, 1, 4, 2))
+    acc = Accountant(calibrate(8.0, 1e-5, 1.0, 1, 1 / 4, 2))
     with pytest.raises(ValueError, match="Poisson"):
         LocalTrainer(bundle.network(), bundle.loss(), data, 1e-3, 1, acc, sampling="fixed")
     trainer = LocalTrainer(bundle.network(), bundle.loss(), data, 0.01, 1, None, seed=0, sampling="fixed",
@@ -90,3 +92,46 @@ def test_fixed_sampling_is_refused_with_dp_and_records_exact_batches_without(bun
         assert torch.allclose(net.state_dict()[name] - start[name], -0.01 * p.grad, atol=1e-7), name
     with pytest.raises(ValueError, match="optimizer"):
         LocalTrainer(bundle.network(), bundle.loss(), data, 1e-3, 1, None, optimizer="rmsprop")
+
+
+class _NoIntegerSeeds:
+    """Stands in for torch.Generator while DP trainers are built and step: any use fails the test."""
+
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("a DP draw would come from an integer-seeded torch generator")
+
+
+def test_dp_noise_and_sampling_never_come_from_an_integer_seed(bundle, cohort, monkeypatch):
+    """Two trainers built with identical arguments, after identical global seeds, must differ in the
+    patients they sample and in the noise they add (the attack: regenerate a seeded stream)."""
+    items = resolve(cohort / "site-1" / "datalist.json", "training")
+    start = bundle.network().state_dict()
+    settings = calibrate(8.0, 1e-5, 1.0, 2, 0.5, 20)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        net = bundle.network()
+        net.load_state_dict(start)
+        with monkeypatch.context() as m:
+            m.setattr(torch, "Generator", _NoIntegerSeeds)
+            m.setattr(torch, "manual_seed", _NoIntegerSeeds)
+            data = secure_slices(items, bundle.train_transforms(), SecureRandom())
+            trainer = LocalTrainer(net, bundle.loss(), data, 1e-3, 2, Accountant(settings), seed=0, record=True)
+            trainer.run(6)
+            trainer.close()
+        results.append(([b["patients"] for b in trainer.batches], torch.cat([p.flatten() for p in net.parameters()])))
+    (samples_a, weights_a), (samples_b, weights_b) = results
+    assert samples_a != samples_b  # 6 steps of a rate-0.5 sample of 4 patients: equal with probability 2^-24
+    assert not torch.allclose(weights_a, weights_b)
+
+
+def test_a_patient_with_two_scans_is_one_unit_of_sampling(bundle, cohort):
+    items = resolve(cohort / "site-1" / "datalist.json", "training")
+    items[1] = dict(items[1], patient=items[0]["patient"])  # the first patient has two scans
+    data = seeded_slices(items, bundle.train_transforms(), 0)
+    assert len(data) == len(items) - 1 and data.patients[0] == [0, 1]
+    scans = {data._scan(0) for _ in range(40)}
+    assert scans == {0, 1}  # either scan may give the patient's slice, one slice per step
+    images, labels = data.batch([0, 1])
+    assert images.shape == (2, 1, 128, 128) and labels.shape == (2, 1, 128, 128)

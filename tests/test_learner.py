@@ -8,14 +8,15 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from dpseg.datalist import resolve
-from dpseg.learner import ERROR_HEADER, SIMULATOR_JOB_ID, SiteLearner, ledger_entry
+from dpseg.learner import SIMULATOR_JOB_ID, SiteLearner, ledger_entry
 from dpseg.ledger import Ledger
 from dpseg.privacy import PrivacyError, calibrate
 from dpseg.site import ENV, RETIRED, SiteSettings
+from dpseg.wire import ERROR_HEADER, error_header
 
 
 def _learner(cohort, tmp_path, budget, job_id="job-2", resume=None):
-    learner = SiteLearner(dp=True, target_epsilon=8.0, batch_size=2, local_epochs=1.0, resume=resume)
+    learner = SiteLearner(dp=True, target_epsilon=8.0, batch_size=2, sample_rate=0.5, local_steps=2, resume=resume)
     datalist = cohort / "site-1" / "datalist.json"
     if not (tmp_path / "ledger.json").exists():
         Ledger.create(tmp_path / "ledger.json", budget)
@@ -23,13 +24,13 @@ def _learner(cohort, tmp_path, budget, job_id="job-2", resume=None):
     learner.app_dir, learner.job_id, learner.site = tmp_path, job_id, "site-1"
     learner.ledger_entry = ledger_entry(job_id, "site-1", resume or {})
     learner.train_items = resolve(datalist, "training")
-    learner.local_steps = 2
+    learner.n_patients, learner.local_steps = 4, 2
     return learner
 
 
 def test_a_refused_job_stays_refused_in_later_rounds(cohort, tmp_path):
     Ledger.create(tmp_path / "ledger.json", 10.0)
-    Ledger.open(tmp_path / "ledger.json").reserve("job-1", calibrate(8.0, 1e-5, 1.0, 2, 4, 4))
+    Ledger.open(tmp_path / "ledger.json").reserve("job-1", calibrate(8.0, 1e-5, 1.0, 2, 2 / 4, 4))
     learner = _learner(cohort, tmp_path, 10.0)
     for _ in range(2):  # round after round
         with pytest.raises(PrivacyError, match="privacy budget exceeded"):
@@ -59,10 +60,12 @@ def test_a_resumed_job_continues_the_stopped_jobs_accountant(cohort, tmp_path):
     resumed.accountant.step(4)
     resumed._save_privacy_state()
     # a site whose plan is used up (it trained a round the server never completed) continues with more noise
+    # and the new plan covers every round left, not just the next one
     used_up = _learner(cohort, tmp_path, 20.0, job_id="job-8", resume={"site-1": "job-1"})
-    used_up._start_privacy(num_rounds=1, fl_ctx=None)
+    used_up._start_privacy(num_rounds=2, fl_ctx=None)
     s = used_up.accountant.settings
-    assert s.steps == 8 and s.noise_multiplier > stopped.accountant.settings.noise_multiplier
+    assert s.steps == 6 + 2 * 2 and s.noise_multiplier > stopped.accountant.settings.noise_multiplier
+    used_up.accountant.step(2)
     used_up.accountant.step(2)
     assert used_up.accountant.epsilon() <= 8.0
     unknown = _learner(cohort, tmp_path, 20.0, job_id="job-9", resume={"site-1": "job-0"})
@@ -89,26 +92,31 @@ def site_env(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("task", [AppConstants.TASK_TRAIN, AppConstants.TASK_VALIDATION])
-def test_a_site_that_requires_dp_refuses_a_job_without_dp_before_touching_its_data(site_copy, site_env, task):
+def test_a_site_that_requires_dp_refuses_a_job_without_dp_before_touching_its_data(site_copy, site_env, task,
+                                                                                      caplog):
     # unreadable data: a learner that looked at it first would fail on the data, not on the policy
     (site_copy / "datalist.json").write_text(json.dumps({"training": [{"image": "missing.nii.gz"}]}))
     (site_env / "local" / "dpseg_site.json").write_text(json.dumps(
         {"datalist": str(site_copy / "datalist.json"), "require_dp": True}))
     for arguments in ({"dp": False}, {"dp": False, "target_epsilon": 0.1}):  # no job argument overrides it
+        caplog.clear()
         reply = _site_task(SiteLearner(**arguments), site_env, task)
         assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
-        assert "site site-1 requires differential privacy" in reply.get_header(ERROR_HEADER)
+        assert reply.get_header(ERROR_HEADER) == error_header("privacy")
+        assert "site site-1 requires differential privacy" in caplog.text  # the site's log says which
 
 
-def test_a_site_refuses_a_dp_job_above_its_epsilon_cap_before_touching_its_data(site_copy, site_env, monkeypatch):
+def test_a_site_refuses_a_dp_job_above_its_epsilon_cap_before_touching_its_data(site_copy, site_env, monkeypatch,
+                                                                                 caplog):
     (site_copy / "datalist.json").write_text("{}")
     Ledger.create(site_env / "ledger.json", 100.0)
     monkeypatch.setenv("DPSEG_DATALIST", str(site_copy / "datalist.json"))
     monkeypatch.setenv("DPSEG_LEDGER", str(site_env / "ledger.json"))
     monkeypatch.setenv("DPSEG_MAX_JOB_EPSILON", "3")
-    reply = _site_task(SiteLearner(dp=True, target_epsilon=8.0), site_env)
+    reply = _site_task(SiteLearner(dp=True, target_epsilon=8.0, sample_rate=0.5, local_steps=2), site_env)
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
-    assert "accepts DP jobs of target epsilon at most 3" in reply.get_header(ERROR_HEADER)
+    assert reply.get_header(ERROR_HEADER) == error_header("privacy")
+    assert "accepts DP jobs of target epsilon at most 3" in caplog.text
     assert Ledger.open(site_env / "ledger.json").jobs == {}
 
 
@@ -136,3 +144,11 @@ def test_job_arguments_are_plain_values_never_code(args, error, name):
 def test_a_job_cannot_point_a_site_at_another_bundle():
     with pytest.raises(TypeError):  # no argument takes a bundle path or config: the site's installed copy only
         SiteLearner(bundle_root="/tmp/evil_bundle")
+
+
+@pytest.mark.parametrize("args", [{}, {"sample_rate": 0.25}, {"local_steps": 24}, {"local_epochs": 6.0},
+                                  {"sample_rate": 1.0, "local_steps": 24}])
+def test_a_dp_job_must_state_its_sample_rate_and_steps_instead_of_deriving_them_from_the_cohort(args):
+    with pytest.raises(ValueError, match="add/remove-one accountant treats as private"):
+        SiteLearner(dp=True, **args)
+    SiteLearner(dp=False, **args)  # the non-private baseline may derive them

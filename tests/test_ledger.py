@@ -55,7 +55,7 @@ def test_an_old_ledger_without_totals_stops_training_and_is_kept(tmp_path):
 def test_ledger_accumulates_and_refuses_past_the_total_epsilon(tmp_path):
     path = tmp_path / "ledger.json"
     Ledger.create(path, total_epsilon=10.0)
-    s = calibrate(4.0, 1e-5, 1.0, 16, 84, 30)
+    s = calibrate(4.0, 1e-5, 1.0, 16, 16 / 84, 30)
     ledger = Ledger.open(path)
     ledger.reserve("job-a", s)
     spent = Accountant(s)

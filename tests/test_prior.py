@@ -55,8 +55,17 @@ def test_saved_prior_loads_and_a_bad_file_is_named(tmp_path):
 
 def test_prior_specs(tmp_path, bundle):
     assert load_prior("none", tmp_path, bundle.volume_transforms(), 8) is None
-    with pytest.raises(FileNotFoundError, match="nothere.json"):
+    with pytest.raises(ValueError, match="nothere.json.*not a built-in prior"):
         load_prior(str(tmp_path / "nothere.json"), tmp_path, bundle.volume_transforms(), 8)
+
+
+def test_a_prior_named_by_a_file_is_refused_even_where_the_file_exists(tmp_path, bundle, cohort):
+    public = cohort / "site-2" / "datalist.json"
+    with pytest.raises(ValueError, match="not a built-in prior"):
+        load_prior(str(public), tmp_path, bundle.volume_transforms(), 8)
+    with pytest.raises(ValueError, match="prior_components must be a positive integer"):
+        load_prior("synthetic", tmp_path, bundle.volume_transforms(), "8/../../x")
+    assert not list(tmp_path.iterdir())  # nothing built, nothing read
 
 
 def test_synthetic_prior_is_built_once_and_kept(tmp_path, bundle):

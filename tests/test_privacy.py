@@ -1,14 +1,15 @@
+import inspect
 import json
 
 import pytest
 
 from dpseg.ledger import Ledger
-from dpseg.privacy import Accountant, PrivacyError, calibrate, continue_accountant, replan
+from dpseg.privacy import ADJACENCY, Accountant, PrivacyError, calibrate, check_cohort, continue_accountant, replan
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_calibration_reaches_but_never_exceeds_the_target(accountant):
-    s = calibrate(8.0, 1e-5, 1.0, 16, 84, 300, accountant)
+    s = calibrate(8.0, 1e-5, 1.0, 16, 16 / 84, 300, accountant)
     eps = Accountant(s).epsilon_after(300)
     assert eps <= 8.0
     assert eps > 8.0 * 0.98  # close to the target, not wastefully noisy
@@ -16,12 +17,12 @@ def test_calibration_reaches_but_never_exceeds_the_target(accountant):
 
 
 def test_smaller_epsilon_needs_more_noise():
-    sigmas = [calibrate(eps, 1e-5, 1.0, 16, 84, 100).noise_multiplier for eps in (8.0, 3.0, 1.0)]
+    sigmas = [calibrate(eps, 1e-5, 1.0, 16, 16 / 84, 100).noise_multiplier for eps in (8.0, 3.0, 1.0)]
     assert sigmas[0] < sigmas[1] < sigmas[2]
 
 
 def test_accountant_continues_across_rounds_and_restarts():
-    s = calibrate(8.0, 1e-5, 1.0, 16, 84, 60)
+    s = calibrate(8.0, 1e-5, 1.0, 16, 16 / 84, 60)
     acc = Accountant(s)
     seen = []
     for _ in range(3):  # three rounds of 20 steps, saved and restored in between
@@ -37,15 +38,27 @@ def test_accountant_continues_across_rounds_and_restarts():
 
 def test_calibration_refuses_unsafe_settings():
     with pytest.raises(PrivacyError, match="delta"):
-        calibrate(8.0, 0.05, 1.0, 4, 40, 10)
+        check_cohort(calibrate(8.0, 0.05, 1.0, 4, 4 / 40, 10), 40)
+    with pytest.raises(PrivacyError, match="sample_rate"):
+        calibrate(8.0, 1e-5, 1.0, 50, 50 / 40, 10)
     with pytest.raises(PrivacyError, match="batch_size"):
-        calibrate(8.0, 1e-5, 1.0, 50, 40, 10)
+        calibrate(8.0, 1e-5, 1.0, 0, 0.1, 10)
     with pytest.raises(PrivacyError, match="accountant"):
-        calibrate(8.0, 1e-5, 1.0, 4, 40, 10, "gdp")
+        calibrate(8.0, 1e-5, 1.0, 4, 4 / 40, 10, "gdp")
+
+
+def test_calibration_depends_on_public_settings_only_and_names_its_adjacency():
+    # the same job settings give the same noise at sites of 40 and of 4000 patients: nothing the
+    # site sends about its privacy depends on its number of training patients
+    s = calibrate(8.0, 1e-5, 1.0, 16, 0.25, 480)
+    assert s.adjacency == ADJACENCY == "add/remove one patient"
+    for n in (40, 41, 4000):
+        check_cohort(s, n)
+    assert "n_patients" not in inspect.signature(calibrate).parameters
 
 
 def test_settings_cannot_change_after_calibration():
-    s = calibrate(8.0, 1e-5, 1.0, 16, 84, 60)
+    s = calibrate(8.0, 1e-5, 1.0, 16, 16 / 84, 60)
     s.check_same(batch_size=16, max_grad_norm=1.0, noise_multiplier=s.noise_multiplier)
     for change in ({"batch_size": 32}, {"max_grad_norm": 2.0}, {"noise_multiplier": s.noise_multiplier / 2}):
         with pytest.raises(PrivacyError, match="refused"):
@@ -55,7 +68,7 @@ def test_settings_cannot_change_after_calibration():
 
 
 def test_a_stopped_job_continues_its_saved_accountant_from_the_ledger(tmp_path):
-    s = calibrate(4.0, 1e-5, 1.0, 16, 84, 30)
+    s = calibrate(4.0, 1e-5, 1.0, 16, 16 / 84, 30)
     Ledger.create(tmp_path / "l.json", 10.0)
     ledger = Ledger.open(tmp_path / "l.json")
     ledger.reserve("job-a", s)

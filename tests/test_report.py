@@ -33,3 +33,24 @@ def test_audit_table_with_ranks_and_the_attacks_prior(tmp_path):
     assert "prior synthetic" in text and "b.rank" in text and "failed: RuntimeError: boom" in text
     mean_row = next(line for line in text.splitlines() if line.startswith("mean"))
     assert " 7 " in mean_row and " 300 " in mean_row
+
+
+def test_the_servers_audit_file_says_the_results_are_at_the_sites_and_marks_released_means(tmp_path):
+    from dpseg.auditresults import KEPT_NOTE, acknowledgement, received
+    from dpseg.report import format_report
+
+    run = tmp_path / "server" / "simulate_job"
+    run.mkdir(parents=True)
+    site = {"privacy": {"dp": False, "unit": "patient"}, "metrics": {"val_dice": 0.5}, "steps": 2}
+    (run / "dpseg_rounds.json").write_text(json.dumps([{"round": 0, "sites": {"site-1": site, "site-2": site}}]))
+    released = received(acknowledgement("aggregate", {"ssim": 0.41, "identified": 0.5}))
+    audit = {"attack": {"iterations": 300, "restarts": 1, "label": "known", "simulate": "single", "prior": "synthetic"},
+             "results": KEPT_NOTE, "sites": [{"site": "site-1", "rounds": [0], **received(acknowledgement("none", None))},
+                                             {"site": "site-2", "rounds": [0], **released}]}
+    (run / "dpseg_audit.json").write_text(json.dumps(audit))
+    report = build_report(tmp_path)
+    assert report["audit"]["released"] == {"site-2": released["released"]} and report["site_audit"] is None
+    text = format_report(report)
+    assert "results kept at the sites" in text and "site-1     rounds 0: kept at the site, release none" in text
+    released_line = next(line for line in text.splitlines() if line.startswith("released audit metrics"))
+    assert "NOT DP-protected" in released_line and "0.410" in text

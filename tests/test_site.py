@@ -102,3 +102,22 @@ def test_a_site_refuses_a_dp_job_above_its_epsilon_cap(tmp_path):
     with pytest.raises(JobRefused, match="at most 3 .*DPSEG_MAX_JOB_EPSILON.*this job asks for 8: refused"):
         check_job_policy(capped, dp=True, target_epsilon=8.0)
     check_job_policy(capped, dp=True, target_epsilon=3.0)
+
+
+def test_audit_release_is_none_unless_the_site_chooses_aggregate(tmp_path, monkeypatch):
+    from dpseg.site import audit_release
+
+    monkeypatch.delenv("DPSEG_AUDIT_RELEASE", raising=False)
+    assert audit_release(tmp_path) == "none" and audit_release(None) == "none"
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "dpseg_site.json").write_text(json.dumps({"audit_release": "aggregate"}))
+    assert audit_release(tmp_path) == "aggregate"
+    monkeypatch.setenv("DPSEG_AUDIT_RELEASE", "none")  # the environment comes first
+    assert audit_release(tmp_path) == "none"
+    monkeypatch.setenv("DPSEG_AUDIT_RELEASE", "all")
+    with pytest.raises(SiteConfigError, match="DPSEG_AUDIT_RELEASE='all': must be one of none, aggregate"):
+        audit_release(tmp_path)
+    monkeypatch.delenv("DPSEG_AUDIT_RELEASE")
+    (tmp_path / "local" / "dpseg_site.json").write_text(json.dumps({"audit_release": True}))
+    with pytest.raises(SiteConfigError, match="'audit_release' in .*dpseg_site.json=True"):
+        audit_release(tmp_path)

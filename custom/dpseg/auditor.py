@@ -3,15 +3,19 @@
 Threat model: an honest-but-curious server sees every update, the global model it was computed
 from and the public training settings; it does not see the data. Here the server only intercepts
 the updates; the attack (``dpseg.inversion``) runs AT THE SITE the update came from, which scores
-the reconstructions against its own images. Reconstructions and figures stay in that site's
-workspace; only scalar metrics go back to the server.
+the reconstructions against its own training slices. Everything that scoring yields stays at that
+site (``dpseg.auditresults``: ``<site workspace>/dpseg_audit/<job id>/``): reconstructions,
+per-update scores, ranks, cohort sizes, realised batch sizes. None of it is DP-protected or counted
+in the site's ledger, so the server gets an acknowledgement only, unless the site itself chooses
+to release aggregate means (its ``audit_release`` setting), which are marked NOT DP-protected.
 
 - ``UpdateInterceptor`` (server component): saves the updates of the audited rounds exactly as
   the aggregator receives them (after every filter), with the global model each was computed from.
-- ``AuditController`` (server workflow, after training): sends each intercepted update back to its
-  site as an ``audit`` task and writes the returned metrics to ``dpseg_audit.json``.
+- ``AuditController`` (server workflow, after training): sends each audited site its intercepted
+  updates as one ``audit`` task and writes the acknowledgements to ``dpseg_audit.json``.
 - ``SiteAuditor`` (site executor): runs the attack, with the attacker's public image prior
-  (``dpseg.prior``, built once in the site's workspace), and scores it (``audit_update``).
+  (``dpseg.prior``: a built-in one the job names, built once in the site's workspace), scores it
+  (``audit_update``) and keeps the results.
 
 The scoring functions (``score``, ``audit_update``) need no NVFlare; ``dpseg audit`` uses them.
 """
@@ -19,10 +23,10 @@ The scoring functions (``score``, ``audit_update``) need no NVFlare; ``dpseg aud
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
-from dataclasses import asdict
+import traceback
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -43,17 +47,21 @@ from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 
+from dpseg.auditresults import (KEPT_NOTE, RELEASE_AGGREGATE, RELEASE_NONE, SITE_RESULTS_FILE, acknowledgement,
+                                received, released_means, site_audit_folder, write_site_results)
 from dpseg.bundle import Bundle
 from dpseg.datalist import resolve
 from dpseg.inversion import AttackSettings, Reconstruction, invert
 from dpseg.metrics import mse, psnr, ranking, ssim
-from dpseg.prior import ImagePrior, load_prior
+from dpseg.prior import PRIOR_SPECS, ImagePrior, load_prior
 from dpseg.privacy import reconstruction_bound_eps_delta, reconstruction_bound_gdp
 from dpseg.report import AUDIT_FILE
 from dpseg.slices import Cohort
+from dpseg.wire import ERROR_HEADER, error_header
 
 AUDIT_TASK = "audit"
 INTERCEPT_DIR = "intercepted"
+AUDIT_LOG = "audit.log"  # in the site's audit folder
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -103,7 +111,8 @@ def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dic
     intensity shift) and the reconstruction is the attack's estimate of it (its estimated shift
     removed); without one, the trained images.
 
-    Returns scalar metrics only: the reconstruction's scores, the uninformed baselines (guesses made
+    Returns scalar metrics only (about the site's training slices: the site keeps them,
+    ``dpseg.auditresults``): the reconstruction's scores, the uninformed baselines (guesses made
     without the update: the attack's own, that is its random start or the prior's guess from public
     slices; a blank slice; the cohort's mean slice; ``baseline_ssim`` is the best of them, and the
     attack's own guess is also identified against the cohort: ``baseline_identified``,
@@ -189,6 +198,72 @@ def save_reconstruction(out_dir: Path, recon: np.ndarray, truths: np.ndarray, me
     return path
 
 
+# ------------------------------------------------------------------------------------------ the job's attack
+SITE_SET = ("local_steps", "local_lr", "batch_size", "intensity_shift")  # each site sets these from its training
+JOB_FILE = "the audit job's config_fed_server.json"
+
+
+def check_job_attack(attack: dict) -> dict:
+    """The job's attack settings (``dpseg.inversion.AttackSettings`` fields, as the audit job's
+    ``attack_*`` arguments give them), checked as a site must check what a job sends: known
+    names, plain values of each field's type, a built-in prior (``dpseg.prior.PRIOR_SPECS``; never
+    a path), none of those each site sets from its training (``SITE_SET``). Returns a copy.
+
+    Raises:
+        TypeError: an unknown setting, or a value of another type than the field's.
+        ValueError: a setting each site sets, a prior that is not built in, or a value that
+            ``AttackSettings`` refuses.
+    """
+    if not isinstance(attack, dict):
+        raise TypeError(f"{JOB_FILE}: the attack settings must be a mapping, got {type(attack).__name__}")
+    if site_set := sorted(set(attack) & set(SITE_SET)):
+        raise ValueError(f"{site_set}: set by each site from its training, not by the audit job")
+    kinds = {f.name: type(f.default) for f in fields(AttackSettings)}
+    for key, value in attack.items():
+        if key not in kinds:
+            raise TypeError(f"attack_{key} in {JOB_FILE}: {key!r} is not an attack setting")
+        kind = kinds[key]
+        plain = isinstance(value, str) if kind is str else \
+            isinstance(value, (int, float) if kind is float else kind) and not isinstance(value, bool)
+        if not plain:
+            raise TypeError(f"attack_{key} in {JOB_FILE} must be a plain {kind.__name__}, got {value!r}")
+    if attack.get("prior", "none") not in PRIOR_SPECS:
+        raise ValueError(f"attack_prior in {JOB_FILE} must name a built-in prior ({', '.join(PRIOR_SPECS)}), "
+                         f"got {attack['prior']!r}: a site never reads a file the job names")
+    AttackSettings(**attack)
+    return dict(attack)
+
+
+def audit_task(records: list[dict], attack: dict) -> Shareable:
+    """One site's audit task: its intercepted updates (``UpdateInterceptor`` records, all of one
+    site) and the job's attack settings. Data: per round (key ``round<r>``) the update and the
+    global weights (numpy arrays); meta: ``attack`` and ``audited``, per round its privacy and
+    training meta as the site sent them."""
+    data = {_round_key(r["round"]): {"update": {k: v.numpy() for k, v in r["update"].items()},
+                                     "global": {k: v.numpy() for k, v in r["global"].items()}} for r in records}
+    meta = {"attack": attack, "audited": [{"round": int(r["round"]), **r["meta"]} for r in records]}
+    return DXO(DataKind.COLLECTION, data=data, meta=meta).to_shareable()
+
+
+def task_updates(dxo: DXO) -> list[dict]:
+    """The updates of an ``audit_task`` in round order: ``round`` (int), ``update`` and
+    ``global`` (name -> tensor), ``privacy`` and ``training`` (dicts or None)."""
+    out = []
+    for entry in dxo.get_meta_prop("audited") or []:
+        r = entry.get("round")
+        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+            raise ValueError(f"audit task: round {r!r} is not a round number")
+        tensors = dxo.data[_round_key(r)]
+        out.append({"round": r, "privacy": entry.get("privacy"), "training": entry.get("training") or {},
+                    **{part: {k: torch.as_tensor(np.asarray(v)) for k, v in tensors[part].items()}
+                       for part in ("update", "global")}})
+    return sorted(out, key=lambda u: u["round"])
+
+
+def _round_key(current_round: int) -> str:
+    return f"round{int(current_round)}"
+
+
 # ------------------------------------------------------------------------------------------ server
 class UpdateInterceptor(FLComponent):
     """Saves the audited rounds' updates as the aggregator receives them, with their global model.
@@ -232,25 +307,21 @@ class UpdateInterceptor(FLComponent):
 
 
 class AuditController(Controller):
-    """After training, sends every intercepted update back to its site as an ``audit`` task and
-    writes the sites' metrics (scalars only) to ``<server run>/dpseg_audit.json``.
+    """After training, sends each audited site one ``audit`` task with all of its intercepted
+    updates, and writes ``<server run>/dpseg_audit.json``: the attack, where the results are (at
+    the sites: ``dpseg.auditresults.KEPT_NOTE``) and per site the rounds audited, its
+    acknowledgement and, where the site chose to release them, aggregate metrics marked NOT
+    DP-protected. No per-update value reaches the server.
 
-    ``attack``: the attack's settings as the job gives them, ``dpseg.inversion.AttackSettings``
-    fields (iterations, restarts, label, simulate, prior, ...; the audit job sets every one it
-    exposes, the rest take AttackSettings' defaults), except those each site sets from its own
-    training (``SITE_SET``).
+    ``attack``: the attack's settings as the job gives them (``check_job_attack``), except those
+    each site sets from its own training (``SITE_SET``).
     """
-
-    SITE_SET = ("local_steps", "local_lr", "batch_size", "intensity_shift")
 
     def __init__(self, interceptor_id: str = "interceptor", task_name: str = AUDIT_TASK, task_timeout: int = 0,
                  **attack):
         super().__init__()
         self.interceptor_id, self.task_name, self.task_timeout = interceptor_id, task_name, task_timeout
-        if site_set := sorted(set(attack) & set(self.SITE_SET)):
-            raise ValueError(f"{site_set}: set by each site from its training, not by the audit job")
-        self.attack = dict(attack)
-        AttackSettings(**self.attack)  # refuse bad settings when the job starts
+        self.attack = check_job_attack(attack)  # refuse bad settings when the job starts
         self.results: list[dict] = []
         self.lock = threading.Lock()
 
@@ -261,39 +332,41 @@ class AuditController(Controller):
         self.run_dir = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id()))
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext):
-        records = self.interceptor.records()
-        self.log_info(fl_ctx, f"auditing {len(records)} intercepted updates at their sites")
-        for path in records:
+        by_site: dict[str, list[dict]] = {}
+        for path in self.interceptor.records():
             record = torch.load(path, weights_only=True)
-            data = {"update": {k: v.numpy() for k, v in record["update"].items()},
-                    "global": {k: v.numpy() for k, v in record["global"].items()}}
-            meta = {"round": record["round"], "attack": self.attack, **record["meta"]}
-            task = Task(name=self.task_name, data=DXO(DataKind.COLLECTION, data=data, meta=meta).to_shareable(),
-                        timeout=self.task_timeout, result_received_cb=self._received)
-            self.broadcast(task=task, fl_ctx=fl_ctx, targets=[record["site"]], min_responses=1)
+            by_site.setdefault(record["site"], []).append(record)
+        self.log_info(fl_ctx, f"auditing the intercepted updates of {len(by_site)} sites at those sites")
+        for site, records in sorted(by_site.items()):
+            records.sort(key=lambda r: r["round"])
+            task = Task(name=self.task_name, data=audit_task(records, self.attack), timeout=self.task_timeout,
+                        props={"rounds": [int(r["round"]) for r in records]}, result_received_cb=self._received)
+            self.broadcast(task=task, fl_ctx=fl_ctx, targets=[site], min_responses=1)
         while self.get_num_standing_tasks():
             if abort_signal.triggered:
                 return
             time.sleep(0.5)
         self._save()
-        self.log_info(fl_ctx, f"audit results written to {self.run_dir / AUDIT_FILE}")
+        self.log_info(fl_ctx, f"audit acknowledgements written to {self.run_dir / AUDIT_FILE}; results {KEPT_NOTE}")
 
     def _received(self, client_task: ClientTask, fl_ctx: FLContext) -> None:
         result, site = client_task.result, client_task.client.name
-        record = {"site": site, "round": from_shareable(client_task.task.data).get_meta_prop("round")}
+        record = {"site": site, "rounds": client_task.task.props["rounds"]}
         if result.get_return_code() != ReturnCode.OK:
-            record["error"] = str(result.get_header("dpseg_error") or result.get_return_code())
+            record["error"] = str(result.get_header(ERROR_HEADER) or result.get_return_code())
         else:
-            record.update({k: v for k, v in from_shareable(result).data.items() if _is_scalar(v)})
-        self.log_info(fl_ctx, f"audit result from {site}, round {record['round']}: "
-                              + ", ".join(f"{k} {record[k]:.3f}" for k in ("ssim", "psnr") if k in record))
+            record.update(received(from_shareable(result).data))
+        self.log_info(fl_ctx, f"audit of {site}, rounds {record['rounds']}: "
+                              + (f"failed: {record['error']}" if "error" in record else
+                                 f"{record['status']}, release {record['release']}"))
         with self.lock:
             self.results.append(record)
         client_task.result = None
 
     def _save(self) -> None:
-        rows = sorted(self.results, key=lambda r: (r["round"], r["site"]))
-        (self.run_dir / AUDIT_FILE).write_text(json.dumps({"attack": self.attack, "updates": rows}, indent=1) + "\n")
+        rows = sorted(self.results, key=lambda r: r["site"])
+        text = json.dumps({"attack": self.attack, "results": KEPT_NOTE, "sites": rows}, indent=1) + "\n"
+        (self.run_dir / AUDIT_FILE).write_text(text)
 
     def stop_controller(self, fl_ctx: FLContext):
         pass
@@ -303,16 +376,19 @@ class AuditController(Controller):
         self.log_warning(fl_ctx, f"ignored a late result of task '{task_name}' from {client.name}")
 
 
-def _is_scalar(value) -> bool:
-    return isinstance(value, (bool, int, float, str)) and not (isinstance(value, float) and math.isnan(value))
-
-
 # ------------------------------------------------------------------------------------------ site
 class SiteAuditor(Executor):
-    """The site's side of an audit: attack the update it sent, score against its own images.
+    """The site's side of an audit: attack the updates it sent, score them against its own images,
+    keep everything at the site.
 
-    Needs the site's training batches of the audited round, kept by the learner
-    (``record_batches``) in the site's job folder. Returns scalar metrics only.
+    Needs the site's training batches of the audited rounds, kept by the learner
+    (``record_batches``) in the site's job folder. Results, reconstructions and the attack's
+    progress go to ``<site workspace>/dpseg_audit/<job id>/`` (``dpseg.auditresults``); the job's
+    log gets no data-dependent value (NVFlare can stream a job's log to the server). The reply is
+    ``dpseg.auditresults.acknowledgement``: nothing about the training slices unless the site's
+    own ``audit_release`` setting (``dpseg.site.audit_release``) releases aggregate means.
+    The attack's settings come from the job (``check_job_attack``: plain values, a built-in prior);
+    everything read from disk is the site's: its settings, its batches, its installed bundle.
     """
 
     def __init__(self, task_name: str = AUDIT_TASK):
@@ -322,72 +398,106 @@ class SiteAuditor(Executor):
         self.priors: dict[tuple, ImagePrior | None] = {}
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
-        from dpseg.learner import ERROR_HEADER
-
         if task_name != self.task_name:
             return make_reply(ReturnCode.TASK_UNKNOWN)
         try:
-            return self._execute(shareable, fl_ctx)
-        except Exception as err:  # the server learns that, and why, the audit failed; never the data
+            attack = check_job_attack(from_shareable(shareable).get_meta_prop("attack") or {})
+        except (TypeError, ValueError) as err:  # about the job's settings only: the server may know why
+            self.log_error(fl_ctx, f"audit refused: {err}")
+            return _error_reply(f"audit refused: {err}")
+        try:
+            return self._execute(shareable, attack, fl_ctx)
+        except Exception as err:  # the server learns that the audit failed; the why stays at the site
             self.log_exception(fl_ctx, "audit failed")
-            reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
-            reply.set_header(ERROR_HEADER, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-            return reply
+            return _error_reply(error_header("audit"))
 
-    def _execute(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:
-        from dpseg.learner import ERROR_HEADER, batches_path, site_folders
-        from dpseg.site import SiteConfigError, load_site_settings
+    def _execute(self, shareable: Shareable, attack: dict, fl_ctx: FLContext) -> Shareable:
+        from dpseg.learner import site_folders
+        from dpseg.site import audit_release, load_site_settings
 
         site = fl_ctx.get_identity_name()
         app_dir, root = site_folders(fl_ctx)
-        dxo = from_shareable(shareable)
-        current_round = int(dxo.get_meta_prop("round"))
-        try:
-            batches = torch.load(batches_path(app_dir, current_round), weights_only=True)
-        except FileNotFoundError:
-            reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
-            reply.set_header(ERROR_HEADER, f"{site} kept no training batches for round {current_round} "
-                                           "(the learner needs record_batches)")
-            return reply
+        job_id = app_dir.parent.name
+        release = audit_release(root)
+        folder = site_audit_folder(root, job_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        log = _audit_log(folder)
+        updates = task_updates(from_shareable(shareable))
         bundle = Bundle()
         if self.cohort is None:
-            try:
-                settings = load_site_settings(site, root, None, require_ledger=False)
-            except SiteConfigError as err:
-                reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
-                reply.set_header(ERROR_HEADER, str(err))
-                return reply
+            settings = load_site_settings(site, root, None, require_ledger=False)
             self.log_info(fl_ctx, "loading the site's training slices for identification")
             self.cohort = Cohort(resolve(settings.datalist, "training"), bundle.volume_transforms())
-        attack = dxo.get_meta_prop("attack") or {}
         key = (attack.get("prior", "none"), attack.get("prior_components", AttackSettings.prior_components))
         if key not in self.priors:  # built once per site workspace (kept in <site root>/audit_prior)
             self.priors[key] = load_prior(key[0], root / "audit_prior", bundle.volume_transforms(), key[1],
                                           progress=lambda m: self.log_info(fl_ctx, m))
-        metrics = self._audit(dxo, attack, batches, bundle, app_dir / "audit" / f"round{current_round}", fl_ctx,
-                              self.priors[key])
-        return DXO(DataKind.METRICS, data=metrics).to_shareable()
+        rows: list[dict] = []
+        for update in updates:
+            self.log_info(fl_ctx, f"auditing round {update['round']}; results kept in {folder}")
+            rows.append({"site": site, "round": update["round"],
+                         **self._audit_round(update, app_dir, attack, bundle, folder, log, self.priors[key])})
+            write_site_results(folder, site, job_id, attack, release, rows)
+        released = released_means(rows) if release == RELEASE_AGGREGATE else None
+        write_site_results(folder, site, job_id, attack, release, rows, released)
+        if failed := [r["round"] for r in rows if "error" in r]:
+            self.log_error(fl_ctx, f"audit of round(s) {failed} failed; see {folder / SITE_RESULTS_FILE}")
+            return _error_reply(error_header("audit"))
+        self.log_info(fl_ctx, f"audit done: results kept in {folder}; release to the server: {release}"
+                              + ("" if release == RELEASE_NONE else
+                                 f" ({'aggregate means' if released else 'nothing: too few scored updates'})"))
+        return DXO(DataKind.METRICS, data=acknowledgement(release, released)).to_shareable()
 
-    def _audit(self, dxo: DXO, attack: dict, batches: list[dict], bundle: Bundle, out_dir: Path, fl_ctx: FLContext,
+    def _audit_round(self, update: dict, app_dir: Path, attack: dict, bundle: Bundle, folder: Path, log,
+                     prior: ImagePrior | None) -> dict:
+        """One update's metrics (``audit_update``), or ``error`` with the reason; never raises."""
+        from dpseg.learner import batches_path
+
+        current_round = update["round"]
+        try:
+            batches = torch.load(batches_path(app_dir, current_round), weights_only=True)
+        except FileNotFoundError:
+            return {"error": f"no training batches kept for round {current_round} (the learner needs record_batches)"}
+        try:
+            return self._audit(update, attack, batches, bundle, folder / _round_key(current_round), log, prior)
+        except Exception as err:
+            log(f"round {current_round} failed:\n{traceback.format_exc()}")
+            return {"error": f"{type(err).__name__}: {err}"}
+
+    def _audit(self, update: dict, attack: dict, batches: list[dict], bundle: Bundle, out_dir: Path, log,
                prior: ImagePrior | None) -> dict:
-        """Attack the update in ``dxo`` with the job's ``attack`` settings and score it against the
-        first of the round's ``batches``; scalar metrics."""
-        training, privacy = dxo.get_meta_prop("training") or {}, dxo.get_meta_prop("privacy")
+        """Attack ``update`` (``task_updates``) with the job's ``attack`` settings and score it
+        against the first of the round's ``batches``; scalar metrics, figures in ``out_dir``."""
+        training, privacy = update["training"], update["privacy"]
         if len(batches) != 1:
-            self.log_warning(fl_ctx, f"{len(batches)} local steps in the audited round: scoring the first batch")
+            log(f"round {update['round']}: {len(batches)} local steps in the audited round: scoring the first batch")
         batch = batches[0]
         if not batch["patients"]:
-            self.log_info(fl_ctx, "no patient in the audited update (empty Poisson sample): nothing to reconstruct")
+            log(f"round {update['round']}: no patient in the audited update (empty Poisson sample)")
             return {"patients_in_update": 0, **privacy_bounds(privacy, None)}
         settings = attack_settings(training, **attack, intensity_shift=bundle.intensity_shift())
         network = bundle.network()
-        network.load_state_dict({k: torch.as_tensor(v) for k, v in dxo.data["global"].items()}, strict=True)
-        update = {k: torch.as_tensor(v) for k, v in dxo.data["update"].items()}
-        metrics = audit_update(network, bundle.loss(), update, settings, batch["images"], batch["labels"], self.cohort,
-                               batch["patients"], privacy, out_dir, progress=lambda m: self.log_info(fl_ctx, m),
-                               prior=prior)
-        self.log_info(fl_ctx, f"audit: SSIM {metrics['ssim']:.3f} (baseline {metrics['baseline_ssim']:.3f}), "
-                              f"identified {metrics['identified']:.2f} (true slice ranked {metrics['slice_rank']:.0f} "
-                              f"of {metrics['cohort_slices']}), {metrics['seconds']:.0f} s; "
-                              f"reconstruction and figure in {out_dir}")
+        network.load_state_dict(update["global"], strict=True)
+        metrics = audit_update(network, bundle.loss(), update["update"], settings, batch["images"], batch["labels"],
+                               self.cohort, batch["patients"], privacy, out_dir, progress=log, prior=prior)
+        log(f"round {update['round']}: SSIM {metrics['ssim']:.3f} (baseline {metrics['baseline_ssim']:.3f}), "
+            f"identified {metrics['identified']:.2f} (true slice ranked {metrics['slice_rank']:.0f} of "
+            f"{metrics['cohort_slices']}), {metrics['seconds']:.0f} s")
         return metrics
+
+
+def _error_reply(message: str) -> Shareable:
+    reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
+    reply.set_header(ERROR_HEADER, message)
+    return reply
+
+
+def _audit_log(folder: Path):
+    """A function that appends a time-stamped line to ``folder/audit.log`` (the site's own log of
+    its audits: the attack's progress and scores, which stay out of the job's log)."""
+    path = Path(folder) / AUDIT_LOG
+
+    def log(message: str) -> None:
+        with open(path, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+    return log

@@ -27,6 +27,7 @@ from opacus.optimizers import DPOptimizer
 
 from dpseg.bundle import Bundle
 from dpseg.dptrain import make_private
+from dpseg.securerandom import SecureRandom
 
 DP_MODES = ("fast", "hooks", "functorch", "ew", "ghost")  # "fast": dpseg.fastdp, the default
 
@@ -51,7 +52,7 @@ def _step_fn(bundle: Bundle, mode: str, batch_size: int):
                           loss_reduction="mean", generator=torch.Generator().manual_seed(1))
         model = _expanded_weights(net, batch_size)
     elif mode != "plain":
-        model, per_sample, opt = make_private(net, opt, mode, 1.0, 1.0, batch_size, torch.Generator().manual_seed(1))
+        model, per_sample, opt = make_private(net, opt, mode, 1.0, 1.0, batch_size, SecureRandom())
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -198,6 +199,7 @@ def fl_scaling(site_counts: tuple[int, ...] = (1, 2, 4, 8), patients: int = 6, r
     sites, each with the same synthetic cohort of ``patients`` patients (non-DP ``jobs/fed``: the
     overhead is NVFlare's, not DP's). One process per site, all on this machine."""
     from dpseg.jobs import JOBS_DIR, configure_job, run_simulator
+    from dpseg.report import site_rounds
     from dpseg.synthetic import write_cohort
 
     work = Path(work or tempfile.mkdtemp(prefix="dpseg_bench_"))
@@ -206,7 +208,7 @@ def fl_scaling(site_counts: tuple[int, ...] = (1, 2, 4, 8), patients: int = 6, r
         root = work / f"sites{n}"
         write_cohort(root / "data", n_sites=n, patients=[patients] * n, seed=0)
         job = configure_job(JOBS_DIR / "fed", root / "job", {"num_rounds": rounds, "min_clients": n},
-                            {"batch_size": 2, "local_epochs": 2.0})
+                            {"batch_size": 2, "sample_rate": 0.0, "local_steps": 0}, learner_args={"local_epochs": 2.0})
         start = time.perf_counter()
         result = run_simulator(job, root / "ws", {"DPSEG_DATA_ROOT": str(root / "data")},
                                [f"site-{i + 1}" for i in range(n)], log=root / "simulator.log")
@@ -215,8 +217,9 @@ def fl_scaling(site_counts: tuple[int, ...] = (1, 2, 4, 8), patients: int = 6, r
             rows.append({"sites": n, "error": f"simulator failed, see {root / 'simulator.log'}"})
             continue
         recs = json.loads(next((root / "ws" / "server").rglob("dpseg_rounds.json")).read_text())[1:]
+        kept = site_rounds(root / "ws")  # each site's own record of its training time
         per_round = [r["seconds"] for r in recs]
-        local = [max(s["train_seconds"] for s in r["sites"].values()) for r in recs]
+        local = [max(kept[(s, r["round"])]["train_seconds"] for s in r["sites"]) for r in recs]
         rows.append({"sites": n, "job_wall_s": wall, "round_s": statistics.median(per_round),
                      "local_train_s": statistics.median(local),
                      "overhead_s": statistics.median(a - b for a, b in zip(per_round, local)),

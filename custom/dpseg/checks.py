@@ -27,7 +27,7 @@ class Report:
 
     datalist: Path
     problems: list[str] = field(default_factory=list)
-    patients: dict[str, int] = field(default_factory=dict)
+    patients: dict[str, int] = field(default_factory=dict)  # split -> distinct patients (not scans)
     spacings: set = field(default_factory=set)
     hu_range: tuple[float, float] = (np.inf, -np.inf)
 
@@ -54,22 +54,31 @@ def check_datalist(path: Path, splits: tuple[str, ...] = SPLITS) -> Report:
         report.problems.append(str(err))
         return report
     base = path.resolve().parent
-    seen: dict[str, str] = {}
+    seen: dict[str, str] = {}  # patient -> split
+    images: dict[Path, str] = {}  # image file -> where it is listed first
     for split in splits:
         items = data.get(split)
         if not isinstance(items, list) or not items:
             report.problems.append(f"{path}: split '{split}' is missing or empty")
             continue
-        report.patients[split] = len(items)
+        patients = set()
         for n, item in enumerate(items):
             if not isinstance(item, dict) or "image" not in item or "label" not in item:
                 report.problems.append(f"{path}: {split}[{n}] needs 'image' and 'label'")
                 continue
             pid = patient_id(item)
+            patients.add(pid)
             if pid in seen and seen[pid] != split:
                 report.problems.append(f"{path}: patient {pid} is in both '{seen[pid]}' and '{split}'")
             seen.setdefault(pid, split)
+            image = (base / item["image"]).resolve()
+            if image in images:
+                report.problems.append(f"{path}: {split}[{n}] lists image {item['image']} again (first in "
+                                       f"{images[image]}): each scan once, a patient's scans share its 'patient'")
+                continue
+            images[image] = f"{split}[{n}]"
             report.problems += _check_pair(base / item["image"], base / item["label"], report)
+        report.patients[split] = len(patients)
     return report
 
 

@@ -92,7 +92,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_init_workspace(args: argparse.Namespace) -> int:
-    from dpseg.site import SiteConfigError
+    from dpseg.site import AUDIT_RELEASE_KEY, SiteConfigError
     from dpseg.workspace import init_workspace, write_site_settings
 
     def absolute(path: str | None) -> str | None:
@@ -100,7 +100,7 @@ def cmd_init_workspace(args: argparse.Namespace) -> int:
 
     site = {"datalist": absolute(args.datalist), "data_root": absolute(args.data_root),
             "ledger": absolute(args.ledger), "require_dp": args.require_dp or None,
-            "max_job_epsilon": args.max_job_epsilon}
+            "max_job_epsilon": args.max_job_epsilon, AUDIT_RELEASE_KEY: args.audit_release}
     for folder in args.workspace:
         print(f"wrote {init_workspace(Path(folder))} (class allow-list: NVFlare's defaults + dpseg.; "
               "job log streaming to the server off)")
@@ -227,7 +227,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from dpseg.auditor import attack_settings, audit_update
     from dpseg.bundle import Bundle
     from dpseg.datalist import resolve
-    from dpseg.prior import load_prior
+    from dpseg.prior import PRIOR_SPECS, load_prior, prior_from_datalist
     from dpseg.slices import Cohort
 
     record = _load_torch(args.update, "update")
@@ -258,8 +258,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
                                warp_step=args.warp_step, intensity_shift=bundle.intensity_shift())
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            prior = load_prior(args.prior, Path(args.prior_dir or args.out or scratch), bundle.volume_transforms(),
-                               args.prior_components, progress=lambda m: print(m, flush=True))
+            if args.prior in PRIOR_SPECS:
+                prior = load_prior(args.prior, Path(args.prior_dir or args.out or scratch), bundle.volume_transforms(),
+                                   args.prior_components, progress=lambda m: print(m, flush=True))
+            elif Path(args.prior).is_file():  # this operator's own public datalist (a job can name none)
+                prior = prior_from_datalist(Path(args.prior), bundle.volume_transforms(), args.prior_components)
+            else:
+                raise ValueError(f"--prior {args.prior}: neither a built-in prior ({', '.join(PRIOR_SPECS)}) nor a "
+                                 "public datalist file")
         except (FileNotFoundError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
@@ -296,6 +302,7 @@ def cmd_monailabel_check(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dpseg.auditresults import RELEASE_CHOICES
     from dpseg.site import DEFAULT_TOTAL_DELTA
 
     parser = argparse.ArgumentParser(prog="dpseg", description=(
@@ -328,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "with `dpseg ledger init`)")
     p.add_argument("--require-dp", action="store_true", help="site policy: refuse every job without DP")
     p.add_argument("--max-job-epsilon", type=float, help="site policy: refuse DP jobs of a higher target epsilon")
+    p.add_argument("--audit-release", choices=RELEASE_CHOICES,
+                   help="site setting: what its audits send the server (none, the default; aggregate: means over its "
+                        "audited updates, NOT DP-protected)")
     p.set_defaults(func=cmd_init_workspace)
 
     p = sub.add_parser("ledger", help="a site's privacy ledger: create it (with the site's total budget) or show it")
@@ -342,8 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("path", help="the ledger file")
     q.set_defaults(func=cmd_ledger_show)
 
-    p = sub.add_parser("report", help="privacy and utility report of a finished NVFlare workspace")
-    p.add_argument("workspace", help="simulator workspace (-w), or a downloaded job result folder")
+    p = sub.add_parser("report", help="privacy and utility report of a finished NVFlare workspace, or the audit "
+                                       "results a site kept")
+    p.add_argument("workspace", help="simulator workspace (-w), a downloaded job result folder, or a site's workspace "
+                                     "(or its dpseg_audit/<job id> folder) for the audit results kept there")
     p.add_argument("--json", help="where to write the JSON report (default: WORKSPACE/dpseg_report.json)")
     p.set_defaults(func=cmd_report)
 

@@ -1,23 +1,32 @@
 """Local training of one site, with or without DP-SGD (plain PyTorch and Opacus, no NVFlare).
 
 Each step draws a Poisson sample of the site's training PATIENTS (each patient independently with
-probability ``sample_rate``), takes one random axial slice of each (the bundle's training
-transforms), computes per-sample gradients, clips each to ``max_grad_norm``, adds Gaussian noise of
-std ``noise_multiplier * max_grad_norm`` to their sum and divides by the expected batch size
-(Opacus' DPOptimizer). Empty samples still take a step (noise only), as the analysis assumes.
+probability ``sample_rate``, a public setting), takes one random axial slice of each (from one of
+the patient's scans, by the bundle's training transforms), computes per-sample gradients, clips
+each to ``max_grad_norm``, adds Gaussian noise of std ``noise_multiplier * max_grad_norm`` to their
+sum and divides by the public ``batch_size`` (Opacus' DPOptimizer). Empty samples still take a step
+(noise only), as the analysis assumes.
+
+With DP, the Poisson sample, the noise and the slice draws come from ``dpseg.securerandom`` (a
+fresh OS key per trainer; nothing can seed them). Without DP, everything follows ``seed``, so the
+same seed gives the same run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from monai.data import CacheDataset
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
+from dpseg.datalist import patient_id
 from dpseg.fastdp import PerSampleGrads
 from dpseg.privacy import Accountant
+from dpseg.securerandom import SecureRandom
 
 # "fast": dpseg.fastdp (no wasted batch weight gradient); "hooks" / "functorch": Opacus' GradSampleModule
 GRAD_SAMPLE_MODES = ("fast", "hooks", "functorch")
@@ -27,12 +36,31 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 SAMPLINGS = ("poisson", "fixed")
 
 
+class SecureDPOptimizer(DPOptimizer):
+    """Opacus' DPOptimizer whose Gaussian noise comes from a SecureRandom: one draw per step for
+    all parameters, never from a torch generator."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, *, noise_source: SecureRandom, **kwargs):
+        super().__init__(optimizer, generator=None, secure_mode=False, **kwargs)
+        self.noise_source = noise_source
+
+    def add_noise(self) -> None:
+        """p.grad = p.summed_grad + N(0, (noise_multiplier * max_grad_norm)^2) per coordinate."""
+        sizes = [p.summed_grad.numel() for p in self.params]
+        noise = self.noise_source.gaussian(sum(sizes), self.noise_multiplier * self.max_grad_norm)
+        for p, chunk in zip(self.params, torch.split(noise, sizes)):
+            _check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + chunk.view_as(p.summed_grad).to(p.summed_grad.dtype)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
 def make_private(network: torch.nn.Module, optimizer: torch.optim.Optimizer, mode: str, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int, generator: torch.Generator):
-    """Wrap a network and its optimiser for DP-SGD: (model to call, PerSampleGrads or None, DPOptimizer).
+                 max_grad_norm: float, expected_batch_size: int, noise_source: SecureRandom):
+    """Wrap a network and its optimiser for DP-SGD: (model to call, PerSampleGrads or None, SecureDPOptimizer).
 
     ``mode`` is one of GRAD_SAMPLE_MODES; with "fast" the network itself is called and
-    ``PerSampleGrads.backward`` fills the per-sample gradients.
+    ``PerSampleGrads.backward`` fills the per-sample gradients. The summed, noised gradient is
+    divided by ``expected_batch_size`` (a public constant, never the realised batch size).
     """
     if mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}")
@@ -41,36 +69,61 @@ def make_private(network: torch.nn.Module, optimizer: torch.optim.Optimizer, mod
         per_sample = PerSampleGrads(network, loss_reduction="mean")
     else:
         model = GradSampleModule(network, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
-    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                               expected_batch_size=expected_batch_size, loss_reduction="mean", generator=generator)
+    dp_optimizer = SecureDPOptimizer(optimizer, noise_source=noise_source, noise_multiplier=noise_multiplier,
+                                     max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                                     loss_reduction="mean")
     return model, per_sample, dp_optimizer
 
 
 class PatientSlices:
-    """A site's patients as a dataset: ``batch(indices)`` gives one random slice per patient.
+    """A site's training patients as a dataset: ``batch(indices)`` gives one random slice of each
+    given patient, from one of the patient's scans chosen at random.
 
-    The deterministic part of the bundle's transforms (load, orient, resample, window) is cached
-    once; the random slice draw runs on every access, seeded by ``seed`` if given.
+    Items of the datalist are scans; the items of this dataset are patients (``patient_id``), so a
+    patient with several scans is one unit of sampling and of sensitivity. The deterministic part
+    of the bundle's transforms (load, orient, resample, window) is cached once; the scan and slice
+    draws (and intensity shifts) run on every access from ``random_state`` (if None, numpy's and
+    MONAI's global state).
     """
 
-    def __init__(self, items: list[dict], train_transforms, seed: int | None = None):
+    def __init__(self, items: list[dict], train_transforms, random_state: np.random.RandomState | None = None):
         self.data = CacheDataset(items, train_transforms, cache_rate=1.0, num_workers=0, progress=False)
-        if seed is not None:  # the random slice draws and intensity shifts (else MONAI's global state)
-            train_transforms.set_random_state(seed=seed)
+        scans: dict[str, list[int]] = {}
+        for index, item in enumerate(items):
+            scans.setdefault(patient_id(item), []).append(index)
+        self.patients = list(scans.values())
+        self.random_state = random_state if random_state is not None else np.random.RandomState()
+        if random_state is not None:
+            train_transforms.set_random_state(state=random_state)
 
     def __len__(self) -> int:
-        return len(self.data)
+        return len(self.patients)
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (B, 1, H, W) in [0, 1] and labels (B, 1, H, W) for the given patients."""
-        samples = [self.data[i] for i in indices]
+        samples = [self.data[self._scan(i)] for i in indices]
         samples = [s[0] if isinstance(s, list) else s for s in samples]
         return torch.stack([torch.as_tensor(s["image"]) for s in samples]), \
             torch.stack([torch.as_tensor(s["label"]) for s in samples])
 
+    def _scan(self, patient: int) -> int:
+        scans = self.patients[patient]
+        return scans[0] if len(scans) == 1 else scans[int(self.random_state.randint(len(scans)))]
+
+
+def seeded_slices(items: list[dict], train_transforms, seed: int) -> PatientSlices:
+    """Patients whose scan and slice draws follow ``seed`` (training without DP, tests)."""
+    return PatientSlices(items, train_transforms, np.random.RandomState(seed))
+
+
+def secure_slices(items: list[dict], train_transforms, source: SecureRandom) -> PatientSlices:
+    """Patients whose scan and slice draws no party can predict (training with DP)."""
+    return PatientSlices(items, train_transforms, source.numpy_state())
+
 
 def poisson_sample(n: int, rate: float, generator: torch.Generator) -> list[int]:
-    """Indices of a Poisson sample: each of ``n`` items independently with probability ``rate``."""
+    """Indices of a seeded Poisson sample (training without DP): each of ``n`` items
+    independently with probability ``rate``."""
     return torch.nonzero(torch.rand(n, generator=generator) < rate).flatten().tolist()
 
 
@@ -95,8 +148,12 @@ class StepStats:
 class LocalTrainer:
     """Runs local steps on a network in place. ``accountant`` None means no DP (the baseline).
 
-    Without DP, batches are Poisson samples of the same expected size, so the two modes differ
-    only by clipping and noise. The network keeps plain state-dict keys throughout.
+    ``sample_rate``: the Poisson rate per patient; with DP it is the accountant's (a public
+    setting); without DP, None means ``batch_size`` / patients. ``batch_size``: the expected batch
+    the summed gradient is divided by (with DP, a public constant) and the size of a "fixed" sample.
+    Without DP, batches are Poisson samples too, so the two modes differ only by clipping and noise;
+    with DP the sample and the noise come from a SecureRandom of this trainer, without DP from
+    ``seed``. The network keeps plain state-dict keys throughout.
     ``optimizer``: "adam" (default) or "sgd"; ``sampling``: "poisson" (default; the only one
     allowed with DP) or "fixed". With ``record`` the images and labels of every step's batch are
     kept in ``self.batches`` (for a site's own audit; they never leave the site).
@@ -104,7 +161,8 @@ class LocalTrainer:
 
     def __init__(self, network: torch.nn.Module, loss_fn, data: PatientSlices, lr: float, batch_size: int,
                  accountant: Accountant | None = None, seed: int = 0, grad_sample_mode: str = "fast",
-                 optimizer: str = "adam", sampling: str = "poisson", record: bool = False):
+                 optimizer: str = "adam", sampling: str = "poisson", record: bool = False,
+                 sample_rate: float | None = None):
         if grad_sample_mode not in GRAD_SAMPLE_MODES:  # also without DP: a typo must not pass silently
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
         if optimizer not in OPTIMIZERS:
@@ -116,26 +174,30 @@ class LocalTrainer:
                              f"sampling={sampling!r} is only allowed without DP")
         self.network, self.loss_fn, self.data = network, loss_fn, data
         self.accountant, self.batch_size, self.sampling = accountant, batch_size, sampling
-        self.sample_rate = accountant.settings.sample_rate if accountant else batch_size / len(data)
-        self.sampler = torch.Generator().manual_seed(seed)
         self.per_sample: PerSampleGrads | None = None
         self.record, self.batches = record, []
         base = OPTIMIZERS[optimizer](network.parameters(), lr=lr)
         if accountant is None:
+            self.sample_rate = sample_rate if sample_rate is not None else batch_size / len(data)
+            generator = torch.Generator().manual_seed(seed)
+            self._poisson = lambda n, rate: poisson_sample(n, rate, generator)
+            self._fixed = lambda n, size: fixed_sample(n, size, generator)
             self.model, self.optimizer = network, base
         else:
             s = accountant.settings
+            self.sample_rate = s.sample_rate
+            self.random = SecureRandom()
+            self._poisson = self.random.bernoulli
             self.model, self.per_sample, self.optimizer = make_private(
-                network, base, grad_sample_mode, s.noise_multiplier, s.max_grad_norm, s.batch_size,
-                torch.Generator().manual_seed(seed + 1))
+                network, base, grad_sample_mode, s.noise_multiplier, s.max_grad_norm, s.batch_size, self.random)
 
     def step(self, stats: StepStats) -> None:
         """One optimizer step on a fresh Poisson sample of patients."""
         self.model.train()
         if self.sampling == "fixed":
-            indices = fixed_sample(len(self.data), self.batch_size, self.sampler)
+            indices = self._fixed(len(self.data), self.batch_size)
         else:
-            indices = poisson_sample(len(self.data), self.sample_rate, self.sampler)
+            indices = self._poisson(len(self.data), self.sample_rate)
         self.optimizer.zero_grad(set_to_none=True)
         if self.record:
             self.batches.append({"patients": indices})

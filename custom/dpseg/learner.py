@@ -7,14 +7,19 @@ Tasks:
   steps, accountant) and the validation Dice.
 - ``validate``: Dice of the given weights on the site's test patients, whole 3D volumes.
 
-What leaves the site: weight differences (DP-protected, patient level), the planned number of
-steps, privacy settings, and the Dice / loss on validation and test patients. Those metrics are
-about validation / test patients and are NOT covered by the DP guarantee, which protects the
-training patients. The training loss and the actual Poisson batch sizes stay at the site.
+What leaves the site: weight differences (DP-protected, patient level, add/remove one patient);
+the job's public settings (sample rate, steps per round, expected batch size, noise multiplier,
+accountant) and the epsilon spent, all computed from public settings; the Dice / loss on
+validation and test patients, which are NOT covered by the DP guarantee (it protects the training
+patients); error codes with a fixed sentence. Nothing sent depends on the number of training
+patients: with DP the sample rate and the steps per round are the job's (``sample_rate``,
+``local_steps``), never derived from the cohort. The training loss, the realised batch sizes, the
+round's time and memory stay in the site's log.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -39,15 +44,17 @@ from nvflare.app_common.app_constant import AppConstants
 from dpseg.bundle import Bundle
 from dpseg.checks import check_datalist
 from dpseg.datalist import resolve
-from dpseg.dptrain import OPTIMIZERS, SAMPLINGS, LocalTrainer, PatientSlices
+from dpseg.dptrain import OPTIMIZERS, SAMPLINGS, LocalTrainer, secure_slices, seeded_slices
 from dpseg.evaluate import evaluate
+from dpseg.files import write_whole
 from dpseg.jobs import check_simulator_worker
-from dpseg.metrics import dice
 from dpseg.ledger import Ledger
-from dpseg.privacy import Accountant, PrivacyError, calibrate, continue_accountant
-from dpseg.site import SiteConfigError, check_job_policy, load_site_settings
+from dpseg.metrics import dice
+from dpseg.privacy import Accountant, PrivacyError, calibrate, check_cohort, continue_accountant
+from dpseg.securerandom import SecureRandom
+from dpseg.site import JobRefused, SiteConfigError, check_job_policy, load_site_settings
+from dpseg.wire import ERROR_HEADER, SITE_ROUNDS_FILE, error_header
 
-ERROR_HEADER = "dpseg_error"
 THREADS_ENV = "DPSEG_TORCH_THREADS"
 SIMULATOR_JOB_ID = "simulate_job"
 AUDIT_DIR = "audit"
@@ -134,10 +141,12 @@ class SiteLearner(Executor):
     dp: train with DP-SGD (False: the non-private baseline, same sampling and optimiser);
     target_epsilon, delta: the job's patient-level budget at this site over ALL rounds;
     max_grad_norm: per-sample L2 clip; batch_size: expected Poisson batch (patients);
-    local_epochs: expected passes over the training patients per round;
+    sample_rate: the Poisson rate per patient; local_steps: steps per round. With DP both are
+    required (public: deriving them from the site's number of patients would release it); without
+    DP, 0 means batch_size / patients and local_epochs passes over the patients per round.
     accountant: "prv" or "rdp"; data_source: "site" (the site's configured data) or "synthetic"
     (a synthetic cohort generated in the site's workspace; only where a job asks for it).
-    local_steps: steps per round if > 0 (else from local_epochs); optimizer: "adam" or "sgd";
+    optimizer: "adam" or "sgd";
     sampling: "poisson" or "fixed" (fixed only without DP); record_batches: keep each round's
     training batches in the site's job folder (``audit/``) for the site's own audit;
     resume: {site name: ledger entry} of a stopped job that this job continues (written by
@@ -147,18 +156,25 @@ class SiteLearner(Executor):
     def __init__(self, dp: bool = True, target_epsilon: float = 8.0, delta: float = 1e-5,
                  max_grad_norm: float = 1.0, batch_size: int = 16, local_epochs: float = 1.0,
                  learning_rate: float = 1e-3, accountant: str = "prv", data_source: str = "site",
-                 seed: int = 0, local_steps: int = 0, optimizer: str = "adam", sampling: str = "poisson",
+                 seed: int = 0, local_steps: int = 0, sample_rate: float = 0.0, optimizer: str = "adam",
+                 sampling: str = "poisson",
                  record_batches: bool = False, resume: dict | None = None, train_task: str = AppConstants.TASK_TRAIN,
                  validate_task: str = AppConstants.TASK_VALIDATION, log_writer_id: str = "log_writer"):
         super().__init__()
         check_job_arguments(dp=dp, record_batches=record_batches, target_epsilon=target_epsilon, delta=delta,
                             max_grad_norm=max_grad_norm, batch_size=batch_size, local_epochs=local_epochs,
-                            learning_rate=learning_rate, seed=seed, local_steps=local_steps,
+                            learning_rate=learning_rate, seed=seed, local_steps=local_steps, sample_rate=sample_rate,
                             accountant=accountant, optimizer=optimizer, sampling=sampling, resume=resume or {})
         if data_source not in ("site", "synthetic"):
             raise ValueError(f"data_source must be 'site' or 'synthetic', got {data_source!r}")
         if dp and sampling != "poisson":
             raise ValueError(f"a DP job needs sampling 'poisson' (what the accountant assumes), got {sampling!r}")
+        if dp and not (local_steps > 0 and 0 < sample_rate < 1):
+            raise ValueError("a DP job must set local_steps (> 0) and sample_rate (between 0 and 1): derived from "
+                             "the site's number of training patients they would release it, which the "
+                             f"add/remove-one accountant treats as private; got local_steps={local_steps}, "
+                             f"sample_rate={sample_rate}")
+        self.sample_rate = float(sample_rate) or None
         self.fixed_steps, self.optimizer_name, self.sampling = int(local_steps), optimizer, sampling
         self.record_batches, self.resume = record_batches, dict(resume or {})
         self.dp, self.target_epsilon, self.delta = dp, target_epsilon, delta
@@ -198,17 +214,19 @@ class SiteLearner(Executor):
             # the following lines (the site's own log) name every file
             first = report.problems[0].split(": ", 1)[-1].replace(str(self.settings.datalist.parent), "<site data>")
             raise DataError(f"site {self.site}: data check failed, no training: {len(report.problems)} problem(s), "
-                            f"first: {first} (the site's log names the files)\n" + "\n".join(report.problems))
+                            f"first: {first}\n" + "\n".join(report.problems))
         self.log_info(fl_ctx, report.summary())
         self.bundle = Bundle()
         self.network = self.bundle.network()
         self.loss_fn = self.bundle.loss()
         self.train_items = resolve(self.settings.datalist, "training")
+        # without DP the same seed gives the same run; with DP no party can predict a draw
+        transforms = self.bundle.train_transforms()
+        self.data = secure_slices(self.train_items, transforms, SecureRandom()) if self.dp else \
+            seeded_slices(self.train_items, transforms, self.seed)
+        self.n_patients = len(self.data)  # never sent (see the module docstring)
         self.local_steps = self.fixed_steps if self.fixed_steps > 0 else \
-            max(1, math.ceil(self.local_epochs * len(self.train_items) / self.batch_size))
-        # without DP the same seed gives the same run; with DP every random draw is fresh
-        self.data = PatientSlices(self.train_items, self.bundle.train_transforms(),
-                                  seed=secrets.randbits(31) if self.dp else self.seed)
+            max(1, math.ceil(self.local_epochs * self.n_patients / self.batch_size))
         self.val_data = CacheDataset(resolve(self.settings.datalist, "validation"), self.bundle.volume_transforms(),
                                      cache_rate=1.0, num_workers=0, progress=False)
         self.inferer = self.bundle.inferer()
@@ -237,9 +255,11 @@ class SiteLearner(Executor):
                 return self._validate(shareable, fl_ctx)
             return make_reply(ReturnCode.TASK_UNKNOWN)
         except (PrivacyError, SiteConfigError, DataError) as err:
-            self.log_error(fl_ctx, str(err))
+            self.log_error(fl_ctx, str(err))  # the details stay in the site's log
+            code = {PrivacyError: "privacy", JobRefused: "privacy", SiteConfigError: "config",
+                    DataError: "data"}[type(err)]
             reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
-            reply.set_header(ERROR_HEADER, str(err).splitlines()[0])
+            reply.set_header(ERROR_HEADER, error_header(code))
             return reply
 
     def _load(self, weights: dict) -> None:
@@ -256,9 +276,9 @@ class SiteLearner(Executor):
         ledger = Ledger.open(self.settings.ledger)
         key, steps = self.ledger_entry, num_rounds * self.local_steps
         accountant = continue_accountant(
-            ledger, key, self.local_steps, target_epsilon=self.target_epsilon, delta=self.delta,
-            max_grad_norm=self.max_grad_norm, batch_size=self.batch_size,
-            sample_rate=self.batch_size / len(self.train_items), accountant=self.accountant_name)
+            ledger, key, steps, target_epsilon=self.target_epsilon, delta=self.delta,
+            max_grad_norm=self.max_grad_norm, batch_size=self.batch_size, sample_rate=self.sample_rate,
+            accountant=self.accountant_name)
         if accountant is not None:
             message = (f"continuing ledger entry {key}: {accountant.steps} steps done, epsilon "
                        f"{accountant.epsilon():.3f} spent; {steps} more at noise multiplier "
@@ -269,11 +289,12 @@ class SiteLearner(Executor):
                                f"{self.settings.ledger}: refused")
         else:
             s = calibrate(self.target_epsilon, self.delta, self.max_grad_norm, self.batch_size,
-                          len(self.train_items), steps, self.accountant_name)
+                          self.sample_rate, steps, self.accountant_name)
             accountant = Accountant(s)
             message = (f"calibrated noise multiplier {s.noise_multiplier:.4f} for epsilon {s.target_epsilon} at "
                        f"delta {s.delta} over {s.steps} steps (sample rate {s.sample_rate:.4f}, accountant "
                        f"{s.accountant}); ledger entry {key}")
+        check_cohort(accountant.settings, self.n_patients)
         ledger.reserve(key, accountant.settings)
         if self.site in self.resume:
             ledger.note_continuation(key, self.job_id)
@@ -298,10 +319,9 @@ class SiteLearner(Executor):
         start = time.perf_counter()
         if self.trainer is None:  # one local optimiser per job: its state carries across rounds
             self.trainer = LocalTrainer(self.network, self.loss_fn, self.data, self.learning_rate, self.batch_size,
-                                        self.accountant if self.dp else None,
-                                        seed=secrets.randbits(62) if self.dp else self.seed,
+                                        self.accountant if self.dp else None, seed=self.seed,
                                         optimizer=self.optimizer_name, sampling=self.sampling,
-                                        record=self.record_batches)
+                                        record=self.record_batches, sample_rate=self.sample_rate)
         try:
             stats = self.trainer.run(self.local_steps, abort=lambda: abort_signal.triggered)
         finally:
@@ -314,14 +334,27 @@ class SiteLearner(Executor):
             save_batches(self.app_dir, current_round, self.trainer.batches)
         new_state = self.network.state_dict()
         diff = {k: (new_state[k] - global_state[k]).numpy() for k in global_state}
+        # every value here is public by design or about validation patients (see the module docstring);
+        # the round's time, memory, realised batch sizes and training loss stay in the site's log
         meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: self.local_steps, MetaKey.INITIAL_METRICS: val,
-                "train_seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 "privacy": self._privacy_meta(), "training": self._training_meta()}
         spent = f"epsilon {meta['privacy']['epsilon']:.3f}" if self.dp else "no DP"
-        self.log_info(fl_ctx, f"round {current_round}: {stats.steps} steps in {seconds:.1f} s, local train loss "
-                              f"{stats.mean_loss:.4f} (kept at the site), val Dice {val['val_dice']:.4f}, {spent}")
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        self.log_info(fl_ctx, f"round {current_round}: {stats.steps} steps in {seconds:.1f} s, peak memory "
+                              f"{peak_mb:.0f} MB (kept at the site), val Dice {val['val_dice']:.4f}, {spent}")
+        self.log_debug(fl_ctx, f"round {current_round}: local train loss {stats.mean_loss:.4f}, "
+                               f"{stats.samples} slices in {stats.steps} steps (kept at the site)")
+        self._keep_round_record(current_round, seconds, peak_mb)
         self._track(current_round, val, meta["privacy"])
         return DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
+
+    def _keep_round_record(self, current_round: int, seconds: float, peak_mb: float) -> None:
+        """Append this round's training time (s) and peak memory (MB) to the site's own record
+        (SITE_ROUNDS_FILE in its job folder, which ``dpseg report`` reads where it can; never sent)."""
+        path = self.app_dir / SITE_ROUNDS_FILE
+        records = json.loads(path.read_text()) if path.exists() else []
+        records.append({"site": self.site, "round": current_round, "train_seconds": seconds, "peak_rss_mb": peak_mb})
+        write_whole(path, lambda tmp: tmp.write_text(json.dumps(records, indent=1) + "\n"))
 
     def _training_meta(self) -> dict:
         """The job's public local-training settings (what an auditor's attacker may assume)."""
@@ -332,7 +365,8 @@ class SiteLearner(Executor):
         if not self.dp:
             return {"dp": False, "unit": "patient"}
         s = self.accountant.settings
-        return {"dp": True, "unit": "patient", "epsilon": self.accountant.epsilon(), "delta": s.delta,
+        return {"dp": True, "unit": "patient", "adjacency": s.adjacency, "epsilon": self.accountant.epsilon(),
+                "delta": s.delta,
                 "target_epsilon": s.target_epsilon, "noise_multiplier": s.noise_multiplier,
                 "sample_rate": s.sample_rate, "steps": self.accountant.steps, "planned_steps": s.steps,
                 "max_grad_norm": s.max_grad_norm, "batch_size": s.batch_size, "accountant": s.accountant,

@@ -10,7 +10,9 @@ instead of all pixel arrays.
 Default public images: a synthetic cohort drawn by our generator with a seed of its own
 (``PUBLIC_SEED``), so other patients and other scanners than any site's. For the default
 (synthetic) cohort this is as close to the sites' data as public data can be: the worst case for
-privacy. With real data, give public CT of the same kind (any datalist in the sites' format).
+privacy. With real data, ``dpseg audit --prior`` takes public CT of the same kind (any datalist in
+the sites' format); an audit job can only name a built-in prior (``PRIOR_SPECS``), so a job never
+makes a site read a file of its choosing.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from dpseg.slices import Cohort
 
 PUBLIC_SEED = 4242
 PUBLIC_PATIENTS = (12, 12, 12)
-PRIOR_SPECS = ("none", "synthetic")
+PRIOR_SPECS = ("none", "synthetic")  # the built-in priors a job may name
 
 
 @dataclass
@@ -144,15 +146,22 @@ def synthetic_prior(folder: Path, volume_transforms, components: int, seed: int 
     return prior
 
 
-def load_prior(spec: str, folder: Path, volume_transforms, components: int,
+def load_prior(name: str, folder: Path, volume_transforms, components: int,
                progress: Callable[[str], None] | None = None) -> ImagePrior | None:
-    """The prior a setting names: ``"none"`` (no prior: the attack searches pixels), ``"synthetic"``
-    (``synthetic_prior`` kept in ``folder``), or the path of a public datalist."""
-    if spec == "none":
+    """The built-in prior ``name`` (one of ``PRIOR_SPECS``): ``"none"`` (no prior: the attack
+    searches pixels) or ``"synthetic"`` (``synthetic_prior``, built once and kept in ``folder``).
+    It comes from this installed package, never from a file: a job names a prior, it cannot point
+    a site at one. Public CT of one's own (``prior_from_datalist``) is for ``dpseg audit`` only.
+
+    Raises:
+        ValueError: ``name`` is not a built-in prior, or ``components`` not a positive integer
+            (it names the kept file).
+    """
+    if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+        raise ValueError(f"attack prior_components must be a positive integer, got {components!r}")
+    if name == "none":
         return None
-    if spec == "synthetic":
+    if name == "synthetic":
         return synthetic_prior(folder, volume_transforms, components, progress=progress)
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"attack prior {spec!r}: neither one of {PRIOR_SPECS} nor a datalist file")
-    return prior_from_datalist(path, volume_transforms, components)
+    raise ValueError(f"attack prior {name!r}: not a built-in prior ({', '.join(PRIOR_SPECS)}); a job names one "
+                     "of these, never a file")

@@ -5,6 +5,11 @@ The unit of privacy is one patient of one site: every training sample is one sli
 and batches are drawn by Poisson sampling over the site's training patients with rate
 ``sample_rate``. The guarantee covers everything the site sends during a job (all rounds), by the
 accountant named (Opacus' ``prv`` or ``rdp``).
+
+Adjacency: add/remove one patient (ADJACENCY), the relation Opacus' accountants bound. Under it
+the site's number of training patients is private, so nothing a site sends may depend on it
+exactly: the sample rate, the steps per round and the expected batch size the summed gradient is
+divided by are public job settings, never derived from the site's cohort.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ if TYPE_CHECKING:
     from dpseg.ledger import Ledger
 
 ACCOUNTANTS = ("prv", "rdp")
+ADJACENCY = "add/remove one patient"
 
 
 class PrivacyError(RuntimeError):
@@ -31,8 +37,9 @@ class PrivacySettings:
     """What a site calibrated for, fixed for the whole job.
 
     target_epsilon / delta: the (epsilon, delta) the job must not exceed at the patient level;
-    max_grad_norm: per-sample clipping norm (L2); batch_size: expected Poisson batch (patients);
-    sample_rate: batch_size / training patients; steps: optimizer steps over ALL rounds.
+    max_grad_norm: per-sample clipping norm (L2); batch_size: the public expected batch (patients)
+    the summed gradient is divided by; sample_rate: the public Poisson rate per patient; steps:
+    optimizer steps over ALL rounds; adjacency: the neighbouring relation the accountant bounds.
     """
 
     target_epsilon: float
@@ -43,6 +50,7 @@ class PrivacySettings:
     steps: int
     accountant: str
     noise_multiplier: float
+    adjacency: str = ADJACENCY
 
     def check_same(self, **requested) -> None:
         """Refuse any change of a privacy-relevant setting after calibration."""
@@ -59,19 +67,19 @@ class PrivacySettings:
 
 
 def calibrate(target_epsilon: float, delta: float, max_grad_norm: float, batch_size: int,
-              n_patients: int, steps: int, accountant: str = "prv") -> PrivacySettings:
-    """Noise multiplier such that ``steps`` Poisson-sampled steps spend at most ``target_epsilon``."""
+              sample_rate: float, steps: int, accountant: str = "prv") -> PrivacySettings:
+    """Noise multiplier such that ``steps`` Poisson-sampled steps at rate ``sample_rate`` spend at
+    most ``target_epsilon`` (add/remove one patient). Every argument is a public job setting: the
+    site's number of patients plays no part (see ``check_cohort``)."""
     if accountant not in ACCOUNTANTS:
         raise PrivacyError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     if not (target_epsilon > 0 and 0 < delta < 1):
         raise PrivacyError(f"need target_epsilon > 0 and 0 < delta < 1, got {target_epsilon}, {delta}")
-    if delta >= 1.0 / n_patients:
-        raise PrivacyError(f"delta={delta} is not below 1/{n_patients} (one over the site's training patients)")
-    if not (0 < batch_size < n_patients):
-        raise PrivacyError(f"batch_size={batch_size} must be between 1 and the {n_patients} training patients")
-    if max_grad_norm <= 0 or steps < 1:
-        raise PrivacyError(f"need max_grad_norm > 0 and steps >= 1, got {max_grad_norm}, {steps}")
-    sample_rate = batch_size / n_patients
+    if not 0 < sample_rate < 1:
+        raise PrivacyError(f"sample_rate={sample_rate} must be between 0 and 1 (exclusive)")
+    if batch_size < 1 or max_grad_norm <= 0 or steps < 1:
+        raise PrivacyError(f"need batch_size >= 1, max_grad_norm > 0 and steps >= 1, got {batch_size}, "
+                           f"{max_grad_norm}, {steps}")
     sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
                                  steps=steps, accountant=accountant, epsilon_tolerance=0.01)
     settings = PrivacySettings(target_epsilon, delta, max_grad_norm, batch_size, sample_rate, steps,
@@ -80,6 +88,16 @@ def calibrate(target_epsilon: float, delta: float, max_grad_norm: float, batch_s
     if planned > target_epsilon:
         raise PrivacyError(f"calibration failed: {planned:.4f} > target epsilon {target_epsilon}")
     return settings
+
+
+def check_cohort(settings: PrivacySettings, n_patients: int) -> None:
+    """Refuse a job whose delta is not below 1 / the site's training patients (checked at the site;
+    the number itself never leaves it)."""
+    if n_patients < 1:
+        raise PrivacyError("the site has no training patients")
+    if settings.delta >= 1.0 / n_patients:
+        raise PrivacyError(f"delta={settings.delta} is not below 1/{n_patients} (one over the site's training "
+                           "patients): refused")
 
 
 class Accountant:

@@ -1,8 +1,14 @@
-"""Privacy and utility report of a finished NVFlare workspace (simulator, POC or a downloaded job).
+"""Privacy and utility report of a finished NVFlare workspace (simulator, POC or a downloaded job),
+and the audit results a site kept.
 
 Reads what the server kept: ``dpseg_rounds.json`` (per round and site: privacy meta, validation
-Dice, steps; wall time) and ``cross_site_val/cross_val_results.json`` (each global model's Dice on
-each site's test patients). Never reads a site's data or paths.
+Dice, steps; wall time), ``cross_site_val/cross_val_results.json`` (each global model's Dice on
+each site's test patients) and ``dpseg_audit.json`` (the sites' audit acknowledgements and what a
+site chose to release, NOT DP-protected). Never reads a site's data or paths. Given a site's
+workspace (or a simulator workspace, which holds the sites too), it reads what the sites kept
+there: the audit results (``dpseg.auditresults``: ``dpseg_audit/<job id>/audit_results.json``) and
+each site's own record of its training time and memory (``SITE_ROUNDS_FILE``); neither is ever
+sent to the server.
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dpseg.auditresults import NOT_DP_NOTE, RELEASED_KEYS, SITE_RESULTS_FILE, find_site_results, read_site_results
 from dpseg.server import BUNDLE_OUT, ROUNDS_FILE
+from dpseg.wire import SITE_ROUNDS_FILE
 
 AUDIT_FILE = "dpseg_audit.json"  # written by dpseg.auditor.AuditController
 REJECTED_FILE = "dpseg_rejected.json"  # written by dpseg.validation.UpdateValidator
@@ -38,22 +46,46 @@ def find_run_dir(workspace: Path) -> Path:
     return found[-1].parent
 
 
+def site_rounds(workspace: Path) -> dict[tuple[str, int], dict]:
+    """{(site, round): the site's own record of that round (train_seconds, peak_rss_mb)} from every
+    SITE_ROUNDS_FILE under ``workspace`` (empty where the sites' folders are elsewhere)."""
+    records = {}
+    for path in sorted(Path(workspace).rglob(SITE_ROUNDS_FILE), key=lambda p: p.stat().st_mtime):
+        for rec in json.loads(path.read_text()):
+            records[(rec["site"], rec["round"])] = rec
+    return records
+
+
 def _new_site() -> dict:
     return {"rounds": 0, "privacy": None, "val_dice": None}
 
 
 def build_report(workspace: Path) -> dict:
-    run = find_run_dir(workspace)
+    """The report of ``workspace``: the server's run (privacy, utility, audit acknowledgements)
+    where there is one, and the audit results kept by any site under ``workspace``
+    (``site_audit``). A site's workspace alone gives ``site_audit`` and ``notes`` only."""
+    if not Path(workspace).is_dir():
+        raise ReportError(f"{workspace} is not a folder")
+    kept = site_audit_summary(workspace)
+    try:
+        run = find_run_dir(workspace)
+    except ReportError:
+        if kept is None:
+            raise ReportError(f"no {ROUNDS_FILE} nor {SITE_RESULTS_FILE} under {workspace}: neither a finished dpseg "
+                              "job workspace nor a site's audit results") from None
+        return {"site_audit": kept, "notes": [SITE_AUDIT_NOTE]}
     rounds = json.loads((run / ROUNDS_FILE).read_text())
     sites: dict[str, dict] = {}
+    own_rounds = site_rounds(workspace)
     for rec in rounds:
         for site, contrib in rec["sites"].items():
             entry = sites.setdefault(site, _new_site())
             entry["rounds"] += 1
             entry["privacy"] = contrib.get("privacy")
             entry["val_dice"] = (contrib.get("metrics") or {}).get("val_dice")
-            entry["peak_rss_mb"] = max(entry.get("peak_rss_mb") or 0, contrib.get("peak_rss_mb") or 0)
-            entry["train_seconds"] = entry.get("train_seconds", 0) + (contrib.get("train_seconds") or 0)
+            own = own_rounds.get((site, rec["round"])) or {}
+            entry["peak_rss_mb"] = max(entry.get("peak_rss_mb") or 0, own.get("peak_rss_mb") or 0)
+            entry["train_seconds"] = entry.get("train_seconds", 0) + (own.get("train_seconds") or 0)
     cross = run / "cross_site_val" / "cross_val_results.json"
     test = json.loads(cross.read_text()) if cross.exists() else {}
     for site, models in test.items():
@@ -69,7 +101,7 @@ def build_report(workspace: Path) -> dict:
     seen = sorted({site for rec in rounds for site in rec["sites"]})
     missing = [{"round": rec["round"], "sites": [s for s in seen if s not in rec["sites"]]} for rec in rounds]
     audit_file = run / AUDIT_FILE
-    audit = summarize_audit(json.loads(audit_file.read_text())) if audit_file.exists() else None
+    audit = summarize_server_audit(json.loads(audit_file.read_text())) if audit_file.exists() else None
     bundle = next((run / BUNDLE_OUT).glob("*/models/model.pt"), None) if (run / BUNDLE_OUT).exists() else None
     return {
         "run_dir": str(run),
@@ -81,6 +113,7 @@ def build_report(workspace: Path) -> dict:
         "best_model_bundle": str(bundle.parent.parent) if bundle else None,
         "missing_contributions": [m for m in missing if m["sites"]],
         "audit": audit,
+        "site_audit": kept,
         "problems": json.loads((run / REJECTED_FILE).read_text()) if (run / REJECTED_FILE).exists() else [],
         "notes": [
             "epsilon: patient-level (one patient of one site), for everything the site sent in this job "
@@ -89,6 +122,32 @@ def build_report(workspace: Path) -> dict:
             "who are not in the training split.",
         ],
     }
+
+
+SITE_AUDIT_NOTE = ("audit results kept at the sites are read on the site's own machine; they were not sent to "
+                   "the server and none of them is DP-protected (computed from the site's training slices).")
+
+
+def site_audit_summary(folder: Path) -> dict | None:
+    """``summarize_audit`` of every site's kept audit results under ``folder``, with ``released``
+    (per site, what it chose to send the server, or None) and ``files``; None where there are none."""
+    paths = find_site_results(Path(folder))
+    if not paths:
+        return None
+    kept = read_site_results(paths)
+    return {**summarize_audit(kept), "released": kept["released"], "files": kept["files"]}
+
+
+def summarize_server_audit(audit: dict) -> dict:
+    """The server's ``dpseg_audit.json``: per site the rounds audited, its acknowledgement or
+    error, and what it released (marked NOT DP-protected). A file of the earlier layout (per-update
+    metrics under ``updates``) is summarized by ``summarize_audit``."""
+    if "updates" in audit:
+        return summarize_audit(audit)
+    sites = audit.get("sites", [])
+    return {"attack": audit.get("attack"), "results": audit.get("results"), "sites": sites,
+            "failed": sum(1 for s in sites if "error" in s),
+            "released": {s["site"]: s["released"] for s in sites if s.get("released")}}
 
 
 def summarize_audit(audit: dict) -> dict:
@@ -102,11 +161,53 @@ def summarize_audit(audit: dict) -> dict:
             "failed": sum(1 for r in rows if "error" in r), "mean": means}
 
 
-def format_audit(audit: dict) -> list[str]:
-    a = audit.get("attack") or {}
-    lines = ["", f"audit (attack at each site: {a.get('iterations')} iterations x {a.get('restarts')} restarts, "
-             f"label {a.get('label')}, {a.get('simulate')}-step, prior {a.get('prior', 'none')}): "
-             f"{audit['scored']} updates scored, "
+def _attack_text(a: dict | None) -> str:
+    a = a or {}
+    return (f"attack at each site: {a.get('iterations')} iterations x {a.get('restarts')} restarts, "
+            f"label {a.get('label')}, {a.get('simulate')}-step, prior {a.get('prior', 'none')}")
+
+
+def format_server_audit(audit: dict) -> list[str]:
+    """Lines of ``summarize_server_audit``'s summary (or ``format_audit`` for the earlier layout)."""
+    if "updates" in audit:
+        return format_audit(audit)
+    lines = ["", f"audit ({_attack_text(audit.get('attack'))}): results {audit.get('results')}"]
+    for s in audit["sites"]:
+        rounds = ", ".join(map(str, s.get("rounds", [])))
+        lines.append(f"  {s['site']:<10} rounds {rounds}: " + (f"failed: {s['error']}" if "error" in s else
+                                                            f"{s.get('status')}, release {s.get('release')}"))
+    lines += format_released(audit.get("released") or {})
+    return lines
+
+
+def format_released(released: dict) -> list[str]:
+    """Lines of what sites released (site -> ``dpseg.auditresults.marked`` means), marked NOT
+    DP-protected; none where nothing was released."""
+    released = {site: r for site, r in released.items() if r}
+    if not released:
+        return []
+    labels = {"ssim": "SSIM", "psnr": "PSNR", "mse": "MSE", "baseline_ssim": "base", "identified": "ident",
+              "patient_identified": "pat.id", "baseline_identified": "b.ident", "baseline_patient_identified": "b.pat.id"}
+    head = f"{'site':<10}" + "".join(f"{labels.get(k, k):>10}" for k in RELEASED_KEYS)
+    lines = ["", "released audit metrics, means over each site's scored updates: " + NOT_DP_NOTE, head, "-" * len(head)]
+    for site, r in sorted(released.items()):
+        means = r.get("means", {})
+        lines.append(f"{site:<10}" + "".join(format(means[k], ".3f").rjust(10) if k in means else "-".rjust(10)
+                                             for k in RELEASED_KEYS))
+    return lines
+
+
+def format_site_audit(audit: dict) -> list[str]:
+    """Lines of ``site_audit_summary``: the kept per-update table and what each site released."""
+    lines = format_audit(audit, title="audit results kept at the sites, never sent to the server, not DP-protected")
+    for site, r in sorted((audit.get("released") or {}).items()):
+        if not r:
+            lines.append(f"{site}: released nothing to the server")
+    return lines + format_released(audit.get("released") or {})
+
+
+def format_audit(audit: dict, title: str = "audit") -> list[str]:
+    lines = ["", f"{title} ({_attack_text(audit.get('attack'))}): {audit['scored']} updates scored, "
              f"{audit['empty']} with no patient, {audit['failed']} failed"]
     head = f"{'site':<10}{'round':>6}{'DP':>4}{'epsilon':>9}{'SSIM':>7}{'base':>7}{'PSNR':>7}{'ident':>7}" \
            f"{'rank':>7}{'b.rank':>7}{'chance':>9}{'bound':>8}{'GDP~':>8}{'pat.id':>8}{'chance':>8}{'bound':>8}{'seconds':>9}"
@@ -142,6 +243,8 @@ def format_audit(audit: dict) -> list[str]:
 
 
 def format_report(report: dict) -> str:
+    if "run_dir" not in report:  # a site's workspace: its kept audit results only
+        return "\n".join(format_site_audit(report["site_audit"]) + [""] + [f"note: {n}" for n in report["notes"]])
     lines = [f"run: {report['run_dir']}", f"rounds: {report['rounds']}; wall time per round (s): "
              + ", ".join(f"{s:.1f}" for s in report["round_seconds"]), ""]
     head = f"{'site':<10}{'DP':<5}{'epsilon':>9}{'delta':>9}{'target':>8}{'sigma':>8}{'q':>8}{'steps':>7}" \
@@ -172,6 +275,8 @@ def format_report(report: dict) -> str:
         lines += ["", "missing contributions (never aggregated):"]
         lines += [f"  round {p['round']}: {p['site']} {p['kind']}: {p['reason']}" for p in report["problems"]]
     if report.get("audit"):
-        lines += format_audit(report["audit"])
+        lines += format_server_audit(report["audit"])
+    if report.get("site_audit"):
+        lines += format_site_audit(report["site_audit"])
     lines += [""] + [f"note: {n}" for n in report["notes"]]
     return "\n".join(lines)

@@ -132,8 +132,7 @@ class RoundRecorder(FLComponent):
             "privacy": dxo.get_meta_prop("privacy"),
             "metrics": dxo.get_meta_prop(MetaKey.INITIAL_METRICS),
             "steps": dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),
-            "train_seconds": dxo.get_meta_prop("train_seconds"),
-            "peak_rss_mb": dxo.get_meta_prop("peak_rss_mb"),
+            "meta": json.loads(json.dumps(dxo.meta or {}, default=str)),  # everything the update carried besides weights
         }
 
     def _save(self) -> None:

@@ -20,6 +20,10 @@ DPSEG_MAX_JOB_EPSILON   max_job_epsilon             refuse a DP job whose target
 
 The site's total budget is no site setting: it lives in the ledger file. ``DPSEG_TOTAL_EPSILON`` /
 ``total_epsilon`` (where it used to be) are refused, so that nobody believes they are in force.
+
+One more, read on its own by ``audit_release``: ``DPSEG_AUDIT_RELEASE`` / ``audit_release``, what the
+site's audits may send to the server (``none``, the default: nothing about its training slices;
+``aggregate``: means over its audited updates, NOT DP-protected; see ``dpseg.auditresults``).
 """
 
 from __future__ import annotations
@@ -157,3 +161,23 @@ def check_job_policy(settings: SiteSettings, dp: bool, target_epsilon: float) ->
     if dp and cap is not None and target_epsilon > cap:
         raise JobRefused(f"site {settings.site} accepts DP jobs of target epsilon at most {cap:g} "
                          f"({ENV['max_job_epsilon']} / 'max_job_epsilon'); this job asks for {target_epsilon:g}: refused")
+
+
+AUDIT_RELEASE_ENV = "DPSEG_AUDIT_RELEASE"
+AUDIT_RELEASE_KEY = "audit_release"
+
+
+def audit_release(workspace_root: Path | None = None) -> str:
+    """The site's choice of what its audits send to the server: ``$DPSEG_AUDIT_RELEASE``, else
+    ``audit_release`` in ``<workspace_root>/local/dpseg_site.json``, else ``"none"``. One of
+    ``dpseg.auditresults.RELEASE_CHOICES``; anything else raises SiteConfigError naming the setting."""
+    from dpseg.auditresults import RELEASE_CHOICES, RELEASE_NONE
+
+    file_values, file_name = _file_settings(workspace_root)
+    if os.environ.get(AUDIT_RELEASE_ENV):
+        value, where = os.environ[AUDIT_RELEASE_ENV], AUDIT_RELEASE_ENV
+    else:
+        value, where = file_values.get(AUDIT_RELEASE_KEY, RELEASE_NONE), f"'{AUDIT_RELEASE_KEY}' in {file_name}"
+    if value not in RELEASE_CHOICES:
+        raise SiteConfigError(f"{where}={value!r}: must be one of {', '.join(RELEASE_CHOICES)}")
+    return value

@@ -10,7 +10,8 @@ the real NVFlare simulator:
 
 and scores each best global model on every site's test patients (whole volumes, mean Dice per
 site, then the mean over sites). Then the auditor (``jobs/fed_dp_audit``) attacks intercepted
-updates with DP off and at each epsilon. It writes ``results.md`` (or ``results_<grid>.md``),
+updates with DP off and at each epsilon; the study reads the audit results where the sites kept
+them (``run_audit``), since it plays every site. It writes ``results.md`` (or ``results_<grid>.md``),
 ``study_<grid>.json`` and figures. Seeds change the initial global model and, without DP, the
 slice draws; DP noise is fresh in every run.
 """
@@ -35,14 +36,18 @@ from dpseg.jobs import JOBS_DIR, configure_job, run_simulator, site_ledgers
 @dataclass
 class Grid:
     """Study settings. patients: per site of the synthetic cohort (cohort seed 0); rounds x
-    local_epochs of local training per round, Poisson batch_size; epsilons of the DP arms (delta
-    1e-5, patient level); seeds; audit: rounds audited, attack iterations x restarts."""
+    local_epochs of local training per round (the local and pooled arms), Poisson batch_size; the
+    federated arms' public sample_rate and local_steps per round (FL and FL+DP alike; batch_size is
+    the expected batch the update is divided by); epsilons of the DP arms (delta 1e-5, patient level); seeds; audit:
+    rounds audited, attack iterations x restarts."""
 
     name: str
     patients: list[int]
     rounds: int
     local_epochs: float
     batch_size: int
+    sample_rate: float
+    local_steps: int
     epsilons: list[float]
     seeds: list[int]
     audit_rounds: int
@@ -83,10 +88,12 @@ class Grid:
 STUDY_LEDGER_EPSILON = 1000.0  # each run's own ledgers: no run of the study is refused for budget
 
 GRIDS = {
-    "quick": Grid("quick", [16, 16, 16], rounds=4, local_epochs=3.0, batch_size=4, epsilons=[8.0, 3.0, 1.0],
+    "quick": Grid("quick", [16, 16, 16], rounds=4, local_epochs=3.0, batch_size=4, sample_rate=0.35, local_steps=9,
+                  epsilons=[8.0, 3.0, 1.0],
                   seeds=[0], audit_rounds=2, attack_iterations=100, attack_restarts=1, attack_refine_iterations=50,
                   minutes_per_run=1.0, minutes_per_audit=3.0),
-    "full": Grid("full", [60, 90, 120], rounds=20, local_epochs=6.0, batch_size=16, epsilons=[8.0, 3.0, 1.0],
+    "full": Grid("full", [60, 90, 120], rounds=20, local_epochs=6.0, batch_size=16, sample_rate=0.25, local_steps=24,
+                 epsilons=[8.0, 3.0, 1.0],
                  seeds=[0, 1, 2], audit_rounds=2, attack_iterations=300, attack_restarts=1, attack_refine_iterations=200,
                  minutes_per_run={"local": 4.5, "pooled": 12.0, "fed": 9.0, "fed_dp": 9.5}, minutes_per_audit=6.5),
 }
@@ -224,14 +231,19 @@ def train_arm(study: Study, arm: Arm, seed: int) -> dict:
         return done
     started = time.perf_counter()
     clients = {"local": [arm.site], "pooled": ["pooled"]}.get(arm.kind, study.sites)
-    client = {"batch_size": g.batch_size, "local_epochs": g.local_epochs}
+    learner = {"seed": seed}
+    if arm.kind in ("fed", "fed_dp"):  # FL and FL+DP differ only in DP: the same public sampling
+        client = {"batch_size": g.batch_size, "sample_rate": g.sample_rate, "local_steps": g.local_steps}
+    else:  # one site or the pool alone: epochs of its own patients (nothing is shared)
+        client = {"batch_size": g.batch_size, "sample_rate": 0.0, "local_steps": 0}
+        learner["local_epochs"] = g.local_epochs
     if arm.kind == "fed_dp":
         client["target_epsilon"] = arm.epsilon
     server = {"num_rounds": g.rounds, "min_clients": len(clients)}
     if arm.kind == "fed_dp":
         server["target_epsilon"] = arm.epsilon
     job = configure_job(JOBS_DIR / ("fed_dp" if arm.kind == "fed_dp" else "fed"), run / "job", server, client,
-                        persistor_args={"seed": seed}, learner_args={"seed": seed})
+                        persistor_args={"seed": seed}, learner_args=learner)
     pooled = study.cohort / "datalist.json" if arm.kind == "pooled" else None
     ws, wall = simulate_complete(study, job, run, study.env(run, clients, pooled), clients)
     report = build_report(ws)
@@ -273,7 +285,8 @@ def audit_folder(study: Study, epsilon: float | None) -> Path:
 
 def audit_level(study: Study, epsilon: float | None) -> dict:
     """The canonical audit (batch 1, one SGD step per round) with DP off (None) or at ``epsilon``,
-    on the first two sites; returns the report's audit summary and where the reconstructions are."""
+    on the first two sites; returns the summary of the results the sites kept
+    (``dpseg.report.summarize_audit``) and where the reconstructions are."""
     g = study.grid
     run = audit_folder(study, epsilon)
     if (done := finished(run, g, audit=True)) is None:
@@ -283,8 +296,18 @@ def audit_level(study: Study, epsilon: float | None) -> dict:
 
 
 def run_audit(study: Study, epsilon: float | None, run: Path) -> dict:
-    """``audit_level``'s audit job in ``run`` (an empty folder); returns the result it keeps."""
-    from dpseg.report import build_report
+    """``audit_level``'s audit job in ``run`` (an empty folder); returns the result it keeps.
+
+    The audit's results are read where the sites kept them (``dpseg.auditresults``: each site's
+    ``dpseg_audit/<job id>/audit_results.json`` in the simulator workspace), not from the server:
+    the study plays every site itself, so it may read what each site keeps, and it needs the
+    per-update scores and ranks that a site never sends. So nothing is released: the study's
+    simulator runs set ``DPSEG_AUDIT_RELEASE`` to ``none`` (whatever the caller's environment
+    says), and the server's ``dpseg_audit.json`` holds acknowledgements only.
+    """
+    from dpseg.auditresults import RELEASE_NONE, SITE_AUDIT_DIR, find_site_results, read_site_results
+    from dpseg.report import summarize_audit
+    from dpseg.site import AUDIT_RELEASE_ENV
 
     g = study.grid
     started = time.perf_counter()
@@ -296,9 +319,13 @@ def run_audit(study: Study, epsilon: float | None, run: Path) -> dict:
         server["target_epsilon"] = client["target_epsilon"] = epsilon
     job = configure_job(JOBS_DIR / "fed_dp_audit", run / "job", server, client)
     clients = study.sites[:2]
-    ws, wall = simulate_complete(study, job, run, study.env(run, clients), clients)
-    audit = build_report(ws)["audit"] or {}
-    folders = sorted(ws.glob("site-*/simulate_job/app_site-*/audit/round*"))
+    env = {**study.env(run, clients), AUDIT_RELEASE_ENV: RELEASE_NONE}
+    ws, wall = simulate_complete(study, job, run, env, clients)
+    kept = find_site_results(ws)
+    if not kept:
+        raise RuntimeError(f"{run.name}: no site kept audit results in {ws}; see the simulator log in {run}")
+    audit = summarize_audit(read_site_results(kept))
+    folders = sorted(ws.glob(f"site-*/{SITE_AUDIT_DIR}/*/round*"))
     return keep(run, g, {"level": "no DP" if epsilon is None else f"eps {epsilon:g}", "epsilon": epsilon,
                          "wall_seconds": wall, "summary": audit, "elapsed_seconds": time.perf_counter() - started,
                          "examples": [str(f.relative_to(run)) for f in folders if (f / "reconstruction.npy").exists()]})

@@ -86,8 +86,12 @@ def write_markdown(results: dict, figures: dict[str, Path]) -> str:
              f"Run {results['date']} on {results['machine']}; {results['total_minutes']:.0f} min in all.", "",
              f"Settings: {results.get('cohort', 'synthetic cohort')}, sites " + ", ".join(sites) +
              f" (each site's own split into training / validation / test); {g['rounds']} round(s) x "
-             f"{g['local_epochs']:g} local epochs, expected Poisson batch {g['batch_size']}, Adam; DP: patient-level "
-             f"(epsilon, delta 1e-5), PRV accountant, over all the job's steps, clip norm 1.0; seeds "
+             + (f"{g['local_steps']} steps at public Poisson rate {g['sample_rate']:g} (FL, FL+DP; update divided by "
+                f"{g['batch_size']}) or {g['local_epochs']:g} local epochs at expected batch {g['batch_size']} "
+                "(local, pooled), Adam; DP: patient-level (epsilon, delta 1e-5, add/remove one patient), "
+                if "sample_rate" in g else f"{g['local_epochs']:g} local epochs, expected Poisson batch "
+                f"{g['batch_size']}, Adam; DP: patient-level (epsilon, delta 1e-5), ") +
+             f"PRV accountant, over all the job's steps, clip norm 1.0; seeds "
              f"{', '.join(map(str, g['seeds']))} (initial model and, without DP, slice draws; DP noise fresh every run). "
              "Every model is the best global model by validation Dice (the final one in a one-round job), "
              "scored on each site's test patients (whole volumes); 'mean' is the mean over sites. Wall time: the simulator run (start-up, "
@@ -126,7 +130,9 @@ def write_markdown(results: dict, figures: dict[str, Path]) -> str:
                   "(1: identified), and for the attack's own uninformed guess; patient identified: the most "
                   "similar slice is one of the true patient's (chance: 1 / patients); bound: the (epsilon, delta) "
                   "reconstruction-robustness bound on identification (e^eps x chance + delta), GDP~ its "
-                  "central-limit approximation.", "",
+                  "central-limit approximation. These are the sites' own results, read from their workspaces (the study "
+                  "plays every site): no site sent them to the server, and none is DP-protected (they are computed "
+                  "from the sites' training slices).", "",
                   "| level | updates scored | SSIM | uninformed SSIM | PSNR (dB) | identified | rank | uninformed rank "
                   "| chance | bound | GDP~ | patient identified | chance | bound | s / update |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

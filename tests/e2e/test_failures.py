@@ -12,6 +12,7 @@ from dpseg.jobs import run_simulator as simulate
 from dpseg.jobs import site_ledgers
 from dpseg.ledger import Ledger
 from dpseg.report import build_report, format_report
+from dpseg.wire import error_header
 from test_simulator import prepare_job, run_simulator
 
 
@@ -39,7 +40,7 @@ def env_for(root, tmp_path):
 
 def test_a_site_with_bad_data_fails_alone_and_the_job_goes_on(cohort, tmp_path):
     root, victim = three_site_root(cohort, tmp_path)
-    job = prepare_job("fed_dp", tmp_path, rounds=2, batch_size=2, local_epochs=1.0)
+    job = prepare_job("fed_dp", tmp_path, rounds=2, batch_size=2, sample_rate=0.5, local_steps=2)
     ws = tmp_path / "ws"
     result = run_simulator(job, ws, env_for(root, tmp_path), sites=3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -47,10 +48,11 @@ def test_a_site_with_bad_data_fails_alone_and_the_job_goes_on(cohort, tmp_path):
     assert {s for s, e in report["sites"].items() if e["rounds"] == 2} == {"site-1", "site-2"}
     failures = [p for p in report["problems"] if p["site"] == "site-3"]
     assert [p["round"] for p in failures if p["kind"] == "site failed"][:2] == [0, 1]
-    assert "data check failed" in failures[0]["reason"] and "truncated NIfTI" in failures[0]["reason"]
-    assert str(root) not in json.dumps(report["problems"])  # the server learns why, not the site's paths
+    # the server learns a code and a fixed sentence; file names, HU, label values stay in the site's log
+    assert failures[0]["reason"] == error_header("data")
+    assert victim.name not in json.dumps(report["problems"]) and "truncated" not in json.dumps(report["problems"])
     site_log = (ws / "site-3" / "log.txt").read_text()
-    assert str(victim) in site_log  # the site's own log names the file
+    assert str(victim) in site_log and "truncated NIfTI" in site_log  # the site's own log names the file
     assert Ledger.open(tmp_path / "ledgers" / "site-3.json").jobs == {}  # it never reached training
     assert "site-3 site failed" in format_report(report)
 
@@ -58,7 +60,7 @@ def test_a_site_with_bad_data_fails_alone_and_the_job_goes_on(cohort, tmp_path):
 def test_updates_above_the_jobs_epsilon_are_rejected_and_never_aggregated(cohort, tmp_path):
     # the server's stated target (4) is below what the sites calibrate for (8): every update is refused
     job = prepare_job("fed_dp", tmp_path, rounds=1, server_args={"target_epsilon": 4.0}, batch_size=2,
-                      local_epochs=1.0)
+                      sample_rate=0.5, local_steps=2)
     ws = tmp_path / "ws"
     run_simulator(job, ws, env_for(cohort, tmp_path))
     report = build_report(ws)
@@ -71,13 +73,14 @@ def test_updates_above_the_jobs_epsilon_are_rejected_and_never_aggregated(cohort
 
 
 def test_a_site_that_requires_dp_refuses_a_job_without_dp_and_nothing_is_trained(cohort, tmp_path):
-    job = prepare_job("fed", tmp_path, rounds=1, batch_size=2, local_epochs=1.0)
+    job = prepare_job("fed", tmp_path, rounds=1, batch_size=2, sample_rate=0.5, local_steps=2)
     ws = tmp_path / "ws"
     run_simulator(job, ws, {**env_for(cohort, tmp_path), "DPSEG_REQUIRE_DP": "1"})
     report = build_report(ws)
     # with min_clients 2 of 2 sites, the first refusal ends the job: the other site may never get a task
+    # the server learns the code and fixed sentence of a privacy refusal; the site's log says which
     refusals = [p for p in report["problems"] if p["kind"] == "site failed"]
-    assert refusals and all("requires differential privacy" in p["reason"] for p in refusals)
+    assert refusals and all(p["reason"] == error_header("privacy") for p in refusals)
     site = refusals[0]["site"]
     assert f"site {site} requires differential privacy" in (ws / site / "log.txt").read_text()
     assert all(e["rounds"] == 0 for e in report["sites"].values()) and report["best_model_bundle"] is None
@@ -97,7 +100,7 @@ def test_a_site_killed_in_the_middle_of_a_round_is_missing_and_rejoins_the_next_
     root, _ = three_site_root(cohort, tmp_path, damage=False)
     env = env_for(root, tmp_path)
     job = prepare_job("fed_dp", tmp_path, rounds=2, server_args={"round_wait_seconds": 5,
-                      "validation_timeout_seconds": 10}, batch_size=2, local_epochs=1.0)
+                      "validation_timeout_seconds": 10}, batch_size=2, sample_rate=0.5, local_steps=2)
     ws = tmp_path / "ws"
     server_log = ws / "server" / "log.txt"
     killed = []
@@ -122,7 +125,7 @@ def test_a_site_killed_in_the_middle_of_a_round_is_missing_and_rejoins_the_next_
 
     # the site rejoins: the next job trains at all three sites, and its ledger adds the two jobs up
     (tmp_path / "next").mkdir()
-    again = prepare_job("fed_dp", tmp_path / "next", rounds=1, batch_size=2, local_epochs=1.0)
+    again = prepare_job("fed_dp", tmp_path / "next", rounds=1, batch_size=2, sample_rate=0.5, local_steps=2)
     result = run_simulator(again, tmp_path / "ws_next", env, sites=3)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert build_report(tmp_path / "ws_next")["sites"]["site-3"]["rounds"] == 1

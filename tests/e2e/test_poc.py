@@ -70,7 +70,7 @@ def test_poc_site_killed_mid_round_fails_the_job_which_resumes_with_the_site_bac
     data = tmp_path / "data"
     write_cohort(data, n_sites=2, patients=[6, 6], seed=7)
     poc = Poc(tmp_path, data)
-    job = prepare_job("fed_dp", tmp_path / "jobs", rounds=2, batch_size=2, local_epochs=1.0)
+    job = prepare_job("fed_dp", tmp_path / "jobs", rounds=2, batch_size=2, sample_rate=0.5, local_steps=2)
     poc.run("bash", REPO / "poc" / "prepare.sh", "2")
     settings = json.loads((poc.kit("site-1") / "local" / "dpseg_site.json").read_text())
     assert settings["data_root"] == str(data) and settings["ledger"] == str(tmp_path / "ledgers" / "{site}.json")

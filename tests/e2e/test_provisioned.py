@@ -107,7 +107,7 @@ def test_provisioned_server_and_two_sites_run_fed_dp(cohort, tmp_path):
             processes.start(kits / site, tmp_path / f"{site}.log")
         session = new_secure_session(ADMIN, str(kits / ADMIN), timeout=90)
         wait_for_clients(session, SITES, timeout=120)
-        job = prepare_job("fed_dp", tmp_path / "jobs", rounds=2, batch_size=2, local_epochs=1.0)
+        job = prepare_job("fed_dp", tmp_path / "jobs", rounds=2, batch_size=2, sample_rate=0.5, local_steps=2)
         job_id = session.submit_job(str(job))
         _, meta = session.monitor_job_and_return_job_meta(job_id, timeout=900)
         assert meta and meta.get("status") == "FINISHED:COMPLETED", meta

@@ -38,7 +38,7 @@ def simulate_on_cohort(job: Path, cohort: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("name", ["fed_dp", "fed"])
 def test_two_sites_two_rounds_report_and_bundle(cohort, tmp_path, name):
-    job = prepare_job(name, tmp_path, rounds=2, batch_size=2, local_epochs=1.0)
+    job = prepare_job(name, tmp_path, rounds=2, batch_size=2, sample_rate=0.5, local_steps=2)
     ws = simulate_on_cohort(job, cohort, tmp_path)
     report = build_report(ws)
     assert report["rounds"] == 2 and len(report["round_seconds"]) == 2
@@ -82,7 +82,7 @@ def assert_a_second_run_gives_the_same_model(ws: Path, cohort: Path, tmp_path: P
     """Determinism without DP: the same job with the same seed, run again, ends with the very same
     global model (seeded initial model and slice draws, one torch thread per site), and training
     changed it."""
-    job = prepare_job("fed", tmp_path / "again", rounds=2, batch_size=2, local_epochs=1.0)
+    job = prepare_job("fed", tmp_path / "again", rounds=2, batch_size=2, sample_rate=0.5, local_steps=2)
     first, second = global_model(ws), global_model(simulate_on_cohort(job, cohort, tmp_path / "again"))
     assert set(first) == set(second)
     assert all(torch.equal(first[k], second[k]) for k in first)

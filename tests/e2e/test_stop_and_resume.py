@@ -35,7 +35,7 @@ def run_until_round_done(job: Path, ws: Path, env: dict, completed_round: int, t
 
 
 def test_a_stopped_job_resumes_from_its_last_round_and_the_accountant_continues(cohort, tmp_path):
-    job = prepare_job("fed_dp", tmp_path, rounds=2, batch_size=2, local_epochs=1.0)
+    job = prepare_job("fed_dp", tmp_path, rounds=2, batch_size=2, sample_rate=0.5, local_steps=2)
     env = env_for(cohort, tmp_path)
     point = run_until_round_done(job, tmp_path / "ws", env, completed_round=0)
     assert point["completed_round"] == 0 and point["end_round"] == 2

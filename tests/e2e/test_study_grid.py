@@ -1,6 +1,7 @@
 """`dpseg.study` on a tiny grid, in the real simulator: one FL+DP training run and the audit job
 (`jobs/fed_dp_audit`) with and without DP. The study's results page and figures, and the audit
-job itself (interception, audit tasks at the sites, only metrics reach the server, report)."""
+job itself (interception, audit tasks at the sites, every score kept at the sites and only
+acknowledgements at the server, report)."""
 
 import json
 import shutil
@@ -14,7 +15,8 @@ from dpseg.report import build_report
 from dpseg.study import Grid, Study, run_study
 
 pytestmark = pytest.mark.xdist_group("tiny_study")  # one worker runs the tiny study, once
-GRID = Grid("tiny", [6, 6], rounds=1, local_epochs=1.0, batch_size=2, epsilons=[8.0], seeds=[0],
+GRID = Grid("tiny", [6, 6], rounds=1, local_epochs=1.0, batch_size=2, sample_rate=0.5, local_steps=2,
+            epsilons=[8.0], seeds=[0],
             audit_rounds=1, attack_iterations=10, attack_restarts=1, attack_refine_iterations=10, minutes_per_run=1, minutes_per_audit=1)
 REPORT_KEYS = {"ssim", "psnr", "mse", "identified", "patient_identified", "baseline_ssim", "chance", "seconds"}
 
@@ -86,20 +88,43 @@ def test_the_audits_alone_keep_the_published_training_runs(tiny_study, cohort, m
     assert len(messages) == before  # the refused ones wrote nothing
 
 
+NEVER_AT_THE_SERVER = REPORT_KEYS | {"slice_rank", "patient_rank", "baseline_ssim", "baseline_slice_rank",
+                                     "patients_in_update", "cohort_slices", "cohort_patients", "patient_chance",
+                                     "batch_size", "matching_loss", "released"}
+
+
+def _keys(value) -> set[str]:
+    """Every key at any depth of a JSON value."""
+    if isinstance(value, dict):
+        return set(value) | {k for v in value.values() for k in _keys(v)}
+    if isinstance(value, list):
+        return {k for v in value for k in _keys(v)}
+    return set()
+
+
 @pytest.mark.parametrize("level", ["no_DP", "eps_8"])
-def test_audit_job_scores_at_the_sites_and_only_metrics_reach_the_server(tiny_study, level):
+def test_the_audit_job_keeps_every_score_at_the_sites_and_the_server_gets_acknowledgements_only(tiny_study, level):
     study, _, _ = tiny_study
     dp = level != "no_DP"
     ws = max((study.work / "audit" / level).glob("ws*"))  # ws, or ws_rerun if the study ran it again
-    audit = build_report(ws)["audit"]
-    assert audit["attack"] == {"iterations": 10, "restarts": 1, "label": "known", "simulate": "single",
-                               "prior": "synthetic", "prior_components": 256, "prior_candidates": 20,
-                               "noise": 0.03, "noise_draws": 4, "refine_iterations": 10, "warp_grid": 6,
-                               "warp_step": 0.01}
+    attack = {"iterations": 10, "restarts": 1, "label": "known", "simulate": "single", "prior": "synthetic",
+              "prior_components": 256, "prior_candidates": 20, "noise": 0.03, "noise_draws": 4,
+              "refine_iterations": 10, "warp_grid": 6, "warp_step": 0.01}
+    # the server: the attack, where the results are, and per site a data-free acknowledgement
+    server_file = json.loads(next((ws / "server").rglob("dpseg_audit.json")).read_text())
+    assert server_file["attack"] == attack and "kept at the sites" in server_file["results"]
+    assert [(s["site"], s["rounds"]) for s in server_file["sites"]] == [("site-1", [0]), ("site-2", [0])]
+    assert all(s == {"site": s["site"], "rounds": [0], "status": "kept at the site", "release": "none"}
+               for s in server_file["sites"]), server_file["sites"]
+    assert not _keys(server_file) & NEVER_AT_THE_SERVER
+    server = ws / "server"  # reconstructions and figures stay at the sites; the server's run folder holds none
+    assert not list(server.rglob("*.npy")) and not list(server.rglob("*.png")) and not list(server.rglob("*.npz"))
+    # the sites: every score, in their own workspace (the study read them there)
+    audit = build_report(ws)["site_audit"]
+    assert audit["attack"] == attack and audit["failed"] == 0
     rows = audit["updates"]
     assert sorted((r["site"], r["round"]) for r in rows) == [("site-1", 0), ("site-2", 0)]
-    assert audit["failed"] == 0
-    for row in rows:  # only scalars came back: no image, no reconstruction
+    for row in rows:
         assert all(isinstance(v, (bool, int, float, str)) for v in row.values()), row
         assert row["dp"] is dp
         if row["patients_in_update"] == 0:
@@ -115,17 +140,17 @@ def test_audit_job_scores_at_the_sites_and_only_metrics_reach_the_server(tiny_st
             # identifying the patient is easier by chance, so its bound is no lower than the slice's
             assert row["bound_eps_delta"] <= row["bound_patient_eps_delta"] <= 1
             assert row["bound_gdp"] <= row["bound_patient_gdp"] <= 1
-    # reconstructions and figures stay at the sites; the server's run folder holds none
-    server = ws / "server"
-    assert not list(server.rglob("*.npy")) and not list(server.rglob("*.png")) and not list(server.rglob("*.npz"))
     # each audited site built the attacker's public prior in its own workspace
     assert all(list((ws / site / "audit_prior").glob("prior_*.npz")) for site in {r["site"] for r in rows})
     scored = [r for r in rows if r["patients_in_update"]]
     for row in scored:
-        folder = next(ws.glob(f"{row['site']}/simulate_job/app_{row['site']}/audit/round{row['round']}"))
+        folder = ws / row["site"] / "dpseg_audit" / "simulate_job" / f"round{row['round']}"
         assert (folder / "comparison.png").stat().st_size > 0
         assert np.load(folder / "reconstruction.npy").shape[-2:] == (128, 128)
     text = run_cli("report", str(ws))
-    assert text.returncode == 0 and "audit" in text.stdout and "SSIM" in text.stdout and "pat.id" in text.stdout
+    assert text.returncode == 0 and "results kept at the sites" in text.stdout and "pat.id" in text.stdout
     saved = json.loads((ws / "dpseg_report.json").read_text())
-    assert saved["audit"]["scored"] == len(scored)
+    assert saved["site_audit"]["scored"] == len(scored) and "released" not in saved["audit"]["sites"][0]
+    site = run_cli("report", str(ws / "site-1"))  # at a site: its own results only
+    assert site.returncode == 0 and "site-1: released nothing to the server" in site.stdout
+    assert "site-2" not in site.stdout
