@@ -140,7 +140,8 @@ class SiteLearner(Executor):
 
     dp: train with DP-SGD (False: the non-private baseline, same sampling and optimiser);
     target_epsilon, delta: the job's patient-level budget at this site over ALL rounds;
-    max_grad_norm: per-sample L2 clip; batch_size: expected Poisson batch (patients);
+    max_grad_norm: per-sample L2 clip; batch_size: the expected batch (patients) the summed
+    gradient is divided by (with DP a public constant; without DP also the Poisson batch);
     sample_rate: the Poisson rate per patient; local_steps: steps per round. With DP both are
     required (public: deriving them from the site's number of patients would release it); without
     DP, 0 means batch_size / patients and local_epochs passes over the patients per round.
@@ -209,12 +210,9 @@ class SiteLearner(Executor):
         self.settings = load_site_settings(self.site, root, synthetic_root, require_ledger=self.dp)
         check_job_policy(self.settings, self.dp, self.target_epsilon)
         report = check_datalist(self.settings.datalist)
-        if not report.ok:
-            # first line (sent to the server): what went wrong, without the site's file paths;
-            # the following lines (the site's own log) name every file
-            first = report.problems[0].split(": ", 1)[-1].replace(str(self.settings.datalist.parent), "<site data>")
-            raise DataError(f"site {self.site}: data check failed, no training: {len(report.problems)} problem(s), "
-                            f"first: {first}\n" + "\n".join(report.problems))
+        if not report.ok:  # for the site's log; the server gets the "data" code only
+            raise DataError(f"site {self.site}: data check failed, no training: {len(report.problems)} "
+                            "problem(s):\n" + "\n".join(report.problems))
         self.log_info(fl_ctx, report.summary())
         self.bundle = Bundle()
         self.network = self.bundle.network()
@@ -256,8 +254,8 @@ class SiteLearner(Executor):
             return make_reply(ReturnCode.TASK_UNKNOWN)
         except (PrivacyError, SiteConfigError, DataError) as err:
             self.log_error(fl_ctx, str(err))  # the details stay in the site's log
-            code = {PrivacyError: "privacy", JobRefused: "privacy", SiteConfigError: "config",
-                    DataError: "data"}[type(err)]
+            code = "privacy" if isinstance(err, (PrivacyError, JobRefused)) else \
+                "data" if isinstance(err, DataError) else "config"
             reply = make_reply(ReturnCode.EXECUTION_EXCEPTION)
             reply.set_header(ERROR_HEADER, error_header(code))
             return reply
