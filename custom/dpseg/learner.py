@@ -35,7 +35,7 @@ from monai.data import CacheDataset
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, JobConstants, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -54,6 +54,7 @@ from dpseg.privacy import Accountant, PrivacyError, calibrate, check_cohort, con
 from dpseg.securerandom import SecureRandom
 from dpseg.site import JobRefused, SiteConfigError, check_job_policy, load_site_settings
 from dpseg.wire import ERROR_HEADER, SITE_ROUNDS_FILE, error_header
+from dpseg.workspace import allow_list_refusal
 
 THREADS_ENV = "DPSEG_TORCH_THREADS"
 SIMULATOR_JOB_ID = "simulate_job"
@@ -199,12 +200,16 @@ class SiteLearner(Executor):
             return
         self.site = fl_ctx.get_identity_name()
         self.job_id = str(fl_ctx.get_job_id())
+        self.app_dir, root = site_folders(fl_ctx)
+        refusal = allow_list_refusal(self.site, root, self.app_dir / "config" / JobConstants.CLIENT_JOB_CONFIG,
+                                     self.job_id)
+        if refusal:
+            raise SiteConfigError(refusal)
         self.ledger_entry = ledger_entry(self.job_id, self.site, self.resume)
         threads = torch_threads(self.job_id)
         if threads:
             torch.set_num_threads(threads)
         self.log_info(fl_ctx, f"torch uses {torch.get_num_threads()} CPU threads at {self.site}")
-        self.app_dir, root = site_folders(fl_ctx)
         synthetic_root = self._synthetic_cohort(root, fl_ctx) if self.data_source == "synthetic" else None
         self.settings = load_site_settings(self.site, root, synthetic_root, require_ledger=self.dp)
         check_job_policy(self.settings, self.dp, self.target_epsilon)
