@@ -125,6 +125,8 @@ class RoundRecorder(FLComponent):
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
             self.path = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / ROUNDS_FILE
+            self.log_info(fl_ctx, "server: job started; waiting for the sites' first updates (each site first "
+                                  "checks and caches its data)")
         elif event_type == AppEventType.ROUND_STARTED:
             self._round(fl_ctx)["started"] = time.time()
         elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:
