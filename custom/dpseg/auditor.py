@@ -421,7 +421,7 @@ class SiteAuditor(Executor):
             return _error_reply(error_header("audit"))
 
     def _execute(self, shareable: Shareable, attack: dict, fl_ctx: FLContext) -> Shareable:
-        from dpseg.learner import site_folders
+        from dpseg.learner import SIMULATOR_JOB_ID, site_folders
         from dpseg.site import audit_release, load_site_settings
 
         site = fl_ctx.get_identity_name()
@@ -434,7 +434,8 @@ class SiteAuditor(Executor):
         updates = task_updates(from_shareable(shareable))
         bundle = Bundle()
         if self.cohort is None:
-            settings = load_site_settings(site, root, None, require_ledger=False)
+            settings = load_site_settings(site, root, None, require_ledger=False,
+                                          edited_in=root.parent if job_id == SIMULATOR_JOB_ID else None)
             self.log_info(fl_ctx, "loading the site's training slices for identification")
             self.cohort = Cohort(resolve(settings.datalist, "training"), bundle.volume_transforms())
         key = (attack.get("prior", "none"), attack.get("prior_components", AttackSettings.prior_components))

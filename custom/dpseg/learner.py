@@ -211,7 +211,9 @@ class SiteLearner(Executor):
             torch.set_num_threads(threads)
         self.log_info(fl_ctx, f"torch uses {torch.get_num_threads()} CPU threads at {self.site}")
         synthetic_root = self._synthetic_cohort(root, fl_ctx) if self.data_source == "synthetic" else None
-        self.settings = load_site_settings(self.site, root, synthetic_root, require_ledger=self.dp)
+        # in the simulator each site's local/ is a copy of the simulator workspace's: the one to edit
+        edited_in = root.parent if self.job_id == SIMULATOR_JOB_ID else None
+        self.settings = load_site_settings(self.site, root, synthetic_root, require_ledger=self.dp, edited_in=edited_in)
         check_job_policy(self.settings, self.dp, self.target_epsilon)
         started = time.perf_counter()
         self.log_info(fl_ctx, f"{self.site}: checking its data (every volume of its datalist)")

@@ -49,7 +49,8 @@ def test_the_bare_simulator_command_completes_on_a_new_workspace(cohort, tmp_pat
 def test_a_site_without_data_says_in_its_first_error_line_which_setting_to_set(cohort, tmp_path, new_user):
     job = prepare_job("fed_dp", tmp_path, rounds=1, batch_size=2, sample_rate=0.5, local_steps=2)
     env = {"DPSEG_LEDGER": site_ledgers(tmp_path / "ledgers", SITES, 20)}  # the ledgers, but no data
-    result = bare_simulator(job, tmp_path / "WS", env)
+    ws = tmp_path / "WS"
+    result = bare_simulator(job, ws, env)
     assert result.returncode != 0
     lines = result.stdout.splitlines()
     first = next(i for i, line in enumerate(lines) if " - ERROR - " in line or "Traceback" in line)
@@ -57,3 +58,4 @@ def test_a_site_without_data_says_in_its_first_error_line_which_setting_to_set(c
     message = lines[first].split(" - ERROR - ", 1)[1]
     assert message.startswith(("site site-1 has no data configured: set DPSEG_DATALIST or DPSEG_DATA_ROOT",
                                "site site-2 has no data configured: set DPSEG_DATALIST or DPSEG_DATA_ROOT"))
+    assert message.endswith(f"'datalist' in {ws / 'local' / 'dpseg_site.json'}")  # the file the simulator copies
