@@ -169,10 +169,11 @@ def run_simulator(job: Path, workspace: Path, env: dict, clients: list[str], tim
                   log: Path | None = None, attempts: int = 3, watch: Callable[[], bool] | None = None,
                   prepare: bool = True) -> subprocess.CompletedProcess:
     """``simulator_command`` (``prepare``: see there) run to the end (or until ``watch`` returns
-    True, see ``run_watched``) with the given site environment. Output goes to ``log`` if given, else is captured. If the
-    simulator builds two workers as one site (``SIMULATOR_RACE``, ``WORKER_MIXUP``), the run is
-    killed and started again in an emptied workspace, at most ``attempts`` times in all; what a
-    killed attempt spent stays in the sites' ledgers (each attempt is a ledger entry of its own)."""
+    True, see ``run_watched``) with the given site environment. Output goes to ``log`` if given,
+    else is captured. If the simulator builds two workers as one site (``SIMULATOR_RACE``,
+    ``WORKER_MIXUP``), the run is killed and started again in an emptied workspace, at most
+    ``attempts`` times in all; what a killed attempt spent stays in the sites' ledgers (each attempt
+    is a ledger entry of its own)."""
     cmd = simulator_command(job, workspace, clients, prepare)
     for attempt in range(1, attempts + 1):
         result, raced = run_watched(cmd, env, timeout, log, watch=watch)

@@ -18,8 +18,9 @@ them on a new workspace: NVFlare does not apply the allow-list to a job with a `
 ("bring your own code", which a provisioned site grants per role). dpseg's components therefore
 apply it themselves (``allow_list_refusal``), before they do anything, with NVFlare's own rules: a
 site or server whose allow-list does not name them refuses the job, with the command that fixes it.
-The one exception is a simulator workspace without any ``local/resources.json``: no site policy
-is configured there, and NVFlare's built-in default list knows only NVFlare's classes.
+The one exception is a simulator workspace without any ``local/resources.json`` (or
+``resources.json.default``): no site policy is configured there, and NVFlare's built-in default list
+knows only NVFlare's classes.
 """
 
 from __future__ import annotations
