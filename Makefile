@@ -28,22 +28,24 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The README's main command: the default synthetic cohort (3 sites), checked, then the federated
-# DP job in the NVFlare simulator (3 sites, 3 processes), then the privacy / utility report.
-# Site settings come from the environment, as a site's own would (see README, "Site settings").
-# Each site's privacy ledger holds its total budget (SITE_BUDGET): created with `dpseg ledger init`
-# where missing, before the simulator (`make demo` starts from nothing, ledgers included).
+# DP job in the NVFlare simulator (3 sites, 3 processes) on a new workspace, as the README types it,
+# then the privacy / utility report. Site settings come from the environment, as a site's own would
+# (see README, "Site settings"). Each site's privacy ledger holds its total budget (SITE_BUDGET):
+# created with `dpseg ledger init` where missing, before the simulator (`make demo` starts from
+# nothing, ledgers included). SIM_PROGRESS keeps the simulator's progress lines: the server's start,
+# each site's data check and caching (the first minute), the calibration, every round, the test Dice.
 SITE_ENV = DPSEG_DATA_ROOT=$(abspath $(DEMO))/data DPSEG_LEDGER=$(abspath $(DEMO))/ledgers/{site}.json
 SITE_BUDGET ?= 20
 DEMO_SITES = site-1 site-2 site-3
 LEDGERS_INIT = for site in $(DEMO_SITES); do test -f $(DEMO)/ledgers/$$site.json || \
 	$(BIN)/dpseg ledger init $(DEMO)/ledgers/$$site.json --total-epsilon $(SITE_BUDGET) || exit 1; done
-SIM_PROGRESS = grep --line-buffered -E "calibrated|round [0-9]+:|test Dice|ERROR|Traceback"
+SIM_PROGRESS = grep --line-buffered -E \
+	"job started|checking its data|data checked|data ready|calibrat|round [0-9]+:|test Dice|ERROR|Traceback"
 
 demo: $(STAMP)
 	rm -rf $(DEMO)
 	$(BIN)/dpseg synth --out $(DEMO)/data --sites 3 --seed 0
 	$(BIN)/dpseg check-data $(DEMO)/data/site-1/datalist.json $(DEMO)/data/site-2/datalist.json $(DEMO)/data/site-3/datalist.json
-	$(BIN)/dpseg init-workspace $(DEMO)/ws
 	$(LEDGERS_INIT)
 	set -o pipefail; $(SITE_ENV) $(BIN)/nvflare simulator jobs/fed_dp -w $(DEMO)/ws -n 3 -t 3 2>&1 \
 	    | tee $(DEMO)/simulator.log | $(SIM_PROGRESS)
@@ -53,7 +55,6 @@ demo: $(STAMP)
 demo-baseline: $(STAMP)
 	test -f $(DEMO)/data/site-1/datalist.json || $(BIN)/dpseg synth --out $(DEMO)/data --sites 3 --seed 0
 	rm -rf $(DEMO)/ws_fed
-	$(BIN)/dpseg init-workspace $(DEMO)/ws_fed
 	$(LEDGERS_INIT)
 	set -o pipefail; $(SITE_ENV) $(BIN)/nvflare simulator jobs/fed -w $(DEMO)/ws_fed -n 3 -t 3 2>&1 \
 	    | tee $(DEMO)/simulator_fed.log | $(SIM_PROGRESS)

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 from nvflare.apis.fl_constant import FLContextKey, ReservedKey, ReturnCode
@@ -6,7 +7,9 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
+from conftest import REPO
 from dpseg.datalist import resolve
 from dpseg.learner import SIMULATOR_JOB_ID, SiteLearner, ledger_entry
 from dpseg.ledger import Ledger
@@ -118,6 +121,23 @@ def test_a_site_refuses_a_dp_job_above_its_epsilon_cap_before_touching_its_data(
     assert reply.get_header(ERROR_HEADER) == error_header("privacy")
     assert "accepts DP jobs of target epsilon at most 3" in caplog.text
     assert Ledger.open(site_env / "ledger.json").jobs == {}
+
+
+def test_a_site_whose_allow_list_lacks_dpseg_refuses_the_job_before_reading_its_settings(site_copy, site_env,
+                                                                                          monkeypatch, caplog):
+    # the shipped job's app has a custom/ folder, so NVFlare leaves the allow-list to the learner
+    app = site_env / "job-3" / "app_site-1"
+    shutil.copytree(REPO / "jobs" / "fed_dp" / "app", app)
+    assert (app / "custom").is_dir()
+    (site_env / "local" / "resources.json.default").write_text(json.dumps(
+        {"class_allow_list": list(DEFAULT_CLASS_ALLOW_LIST)}))  # a provisioned kit, never init-workspace'd
+    monkeypatch.setenv("DPSEG_TOTAL_EPSILON", "20")  # a retired setting: refused, but only once allowed to run
+    reply = _site_task(SiteLearner(dp=True, sample_rate=0.5, local_steps=2), site_env)
+    assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
+    assert reply.get_header(ERROR_HEADER) == error_header("config")
+    assert "site-1 refuses this job: its class allow-list" in caplog.text
+    assert f"run `dpseg init-workspace {site_env}` to allow them" in caplog.text
+    assert "no longer read" not in caplog.text
 
 
 def test_every_simulator_run_gets_its_own_ledger_entry():

@@ -17,6 +17,13 @@ def test_no_data_configured_names_the_settings(tmp_path):
         load_site_settings("site-1", tmp_path)
 
 
+def test_in_the_simulator_the_messages_name_the_settings_file_of_the_simulator_workspace(tmp_path):
+    site_root = tmp_path / "WS" / "site-1"  # NVFlare copies WS/local/ into it at every run
+    with pytest.raises(SiteConfigError) as err:
+        load_site_settings("site-1", site_root, edited_in=tmp_path / "WS")
+    assert str(err.value).endswith(f"or 'datalist' in {tmp_path / 'WS' / 'local' / 'dpseg_site.json'}")
+
+
 def test_data_root_and_ledger_from_environment(cohort, monkeypatch, tmp_path):
     Ledger.create(tmp_path / "ledgers" / "site-2.json", 12.5)
     monkeypatch.setenv("DPSEG_DATA_ROOT", str(cohort))

@@ -38,7 +38,7 @@ from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
 from nvflare.apis.fl_component import FLComponent
-from nvflare.apis.fl_constant import ReservedKey, ReturnCode
+from nvflare.apis.fl_constant import JobConstants, ReservedKey, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.impl.controller import Controller
 from nvflare.apis.shareable import Shareable, make_reply
@@ -58,6 +58,7 @@ from dpseg.privacy import reconstruction_bound_eps_delta, reconstruction_bound_g
 from dpseg.report import AUDIT_FILE
 from dpseg.slices import Cohort
 from dpseg.wire import ERROR_HEADER, error_header
+from dpseg.workspace import allow_list_refusal
 
 AUDIT_TASK = "audit"
 INTERCEPT_DIR = "intercepted"
@@ -400,6 +401,14 @@ class SiteAuditor(Executor):
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         if task_name != self.task_name:
             return make_reply(ReturnCode.TASK_UNKNOWN)
+        from dpseg.learner import site_folders
+
+        app_dir, root = site_folders(fl_ctx)
+        refusal = allow_list_refusal(fl_ctx.get_identity_name(), root,
+                                     app_dir / "config" / JobConstants.CLIENT_JOB_CONFIG, str(fl_ctx.get_job_id()))
+        if refusal:  # before anything else: the site's allow-list does not allow this job
+            self.log_error(fl_ctx, refusal)
+            return _error_reply(error_header("config"))
         try:
             attack = check_job_attack(from_shareable(shareable).get_meta_prop("attack") or {})
         except (TypeError, ValueError) as err:  # about the job's settings only: the server may know why
@@ -412,7 +421,7 @@ class SiteAuditor(Executor):
             return _error_reply(error_header("audit"))
 
     def _execute(self, shareable: Shareable, attack: dict, fl_ctx: FLContext) -> Shareable:
-        from dpseg.learner import site_folders
+        from dpseg.learner import SIMULATOR_JOB_ID, site_folders
         from dpseg.site import audit_release, load_site_settings
 
         site = fl_ctx.get_identity_name()
@@ -425,7 +434,8 @@ class SiteAuditor(Executor):
         updates = task_updates(from_shareable(shareable))
         bundle = Bundle()
         if self.cohort is None:
-            settings = load_site_settings(site, root, None, require_ledger=False)
+            settings = load_site_settings(site, root, None, require_ledger=False,
+                                          edited_in=root.parent if job_id == SIMULATOR_JOB_ID else None)
             self.log_info(fl_ctx, "loading the site's training slices for identification")
             self.cohort = Cohort(resolve(settings.datalist, "training"), bundle.volume_transforms())
         key = (attack.get("prior", "none"), attack.get("prior_components", AttackSettings.prior_components))

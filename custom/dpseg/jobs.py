@@ -80,13 +80,20 @@ def site_ledgers(folder: Path, sites: list[str], total_epsilon: float,
     return str(Path(folder) / "{site}.json")
 
 
-def simulator_command(job: Path, workspace: Path, clients: list[str]) -> list[str]:
+def simulator_command(job: Path, workspace: Path, clients: list[str], prepare: bool = True) -> list[str]:
     """``nvflare simulator JOB -w WORKSPACE -c CLIENTS -t N`` (one process per client), in a
-    workspace prepared as ``dpseg init-workspace`` does."""
+    workspace prepared as ``dpseg init-workspace`` does. ``prepare=False``: the command as a new
+    user types it, ``nvflare simulator JOB -w WORKSPACE -n N -t N`` (clients site-1 .. site-N) on
+    the workspace as it is."""
+    nvflare = Path(sys.executable).parent / "nvflare"
+    if not prepare:
+        if clients != [f"site-{i + 1}" for i in range(len(clients))]:
+            raise ValueError(f"-n {len(clients)} names the sites site-1 .. site-{len(clients)}, not {clients}")
+        return [str(nvflare), "simulator", str(job), "-w", str(workspace), "-n", str(len(clients)),
+                "-t", str(len(clients))]
     from dpseg.workspace import init_workspace
 
     init_workspace(workspace)
-    nvflare = Path(sys.executable).parent / "nvflare"
     return [str(nvflare), "simulator", str(job), "-w", str(workspace), "-c", ",".join(clients),
             "-t", str(len(clients))]
 
@@ -159,14 +166,15 @@ def run_watched(cmd: list[str], env: dict, timeout: float, log: Path | None = No
 
 
 def run_simulator(job: Path, workspace: Path, env: dict, clients: list[str], timeout: float = 3600,
-                  log: Path | None = None, attempts: int = 3, watch: Callable[[], bool] | None = None
-                  ) -> subprocess.CompletedProcess:
-    """``simulator_command`` run to the end (or until ``watch`` returns True, see ``run_watched``)
-    with the given site environment. Output goes to ``log`` if given, else is captured. If the
-    simulator builds two workers as one site (``SIMULATOR_RACE``, ``WORKER_MIXUP``), the run is
-    killed and started again in an emptied workspace, at most ``attempts`` times in all; what a
-    killed attempt spent stays in the sites' ledgers (each attempt is a ledger entry of its own)."""
-    cmd = simulator_command(job, workspace, clients)
+                  log: Path | None = None, attempts: int = 3, watch: Callable[[], bool] | None = None,
+                  prepare: bool = True) -> subprocess.CompletedProcess:
+    """``simulator_command`` (``prepare``: see there) run to the end (or until ``watch`` returns
+    True, see ``run_watched``) with the given site environment. Output goes to ``log`` if given,
+    else is captured. If the simulator builds two workers as one site (``SIMULATOR_RACE``,
+    ``WORKER_MIXUP``), the run is killed and started again in an emptied workspace, at most
+    ``attempts`` times in all; what a killed attempt spent stays in the sites' ledgers (each attempt
+    is a ledger entry of its own)."""
+    cmd = simulator_command(job, workspace, clients, prepare)
     for attempt in range(1, attempts + 1):
         result, raced = run_watched(cmd, env, timeout, log, watch=watch)
         if not raced:

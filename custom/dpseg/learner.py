@@ -35,7 +35,7 @@ from monai.data import CacheDataset
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.executor import Executor
-from nvflare.apis.fl_constant import FLContextKey, ReturnCode
+from nvflare.apis.fl_constant import FLContextKey, JobConstants, ReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
@@ -54,6 +54,7 @@ from dpseg.privacy import Accountant, PrivacyError, calibrate, check_cohort, con
 from dpseg.securerandom import SecureRandom
 from dpseg.site import JobRefused, SiteConfigError, check_job_policy, load_site_settings
 from dpseg.wire import ERROR_HEADER, SITE_ROUNDS_FILE, error_header
+from dpseg.workspace import allow_list_refusal
 
 THREADS_ENV = "DPSEG_TORCH_THREADS"
 SIMULATOR_JOB_ID = "simulate_job"
@@ -200,20 +201,32 @@ class SiteLearner(Executor):
             return
         self.site = fl_ctx.get_identity_name()
         self.job_id = str(fl_ctx.get_job_id())
+        self.app_dir, root = site_folders(fl_ctx)
+        refusal = allow_list_refusal(self.site, root, self.app_dir / "config" / JobConstants.CLIENT_JOB_CONFIG,
+                                     self.job_id)
+        if refusal:
+            raise SiteConfigError(refusal)
         self.ledger_entry = ledger_entry(self.job_id, self.site, self.resume)
         threads = torch_threads(self.job_id)
         if threads:
             torch.set_num_threads(threads)
         self.log_info(fl_ctx, f"torch uses {torch.get_num_threads()} CPU threads at {self.site}")
-        self.app_dir, root = site_folders(fl_ctx)
         synthetic_root = self._synthetic_cohort(root, fl_ctx) if self.data_source == "synthetic" else None
-        self.settings = load_site_settings(self.site, root, synthetic_root, require_ledger=self.dp)
+        # in the simulator each site's local/ is a copy of the simulator workspace's: the one to edit
+        edited_in = root.parent if self.job_id == SIMULATOR_JOB_ID else None
+        self.settings = load_site_settings(self.site, root, synthetic_root, require_ledger=self.dp, edited_in=edited_in)
         check_job_policy(self.settings, self.dp, self.target_epsilon)
+        started = time.perf_counter()
+        self.log_info(fl_ctx, f"{self.site}: checking its data (every volume of its datalist)")
         report = check_datalist(self.settings.datalist)
         if not report.ok:  # for the site's log; the server gets the "data" code only
             raise DataError(f"site {self.site}: data check failed, no training: {len(report.problems)} "
                             "problem(s):\n" + "\n".join(report.problems))
         self.log_info(fl_ctx, report.summary())
+        counts = report.patients
+        self.log_info(fl_ctx, f"{self.site}: data checked in {time.perf_counter() - started:.0f} s; caching "
+                              f"{counts.get('training', 0)} training and {counts.get('validation', 0)} validation "
+                              "patients (the bundle's transforms, once per job)")
         self.bundle = Bundle()
         self.network = self.bundle.network()
         self.loss_fn = self.bundle.loss()
@@ -228,6 +241,7 @@ class SiteLearner(Executor):
         self.val_data = CacheDataset(resolve(self.settings.datalist, "validation"), self.bundle.volume_transforms(),
                                      cache_rate=1.0, num_workers=0, progress=False)
         self.inferer = self.bundle.inferer()
+        self.log_info(fl_ctx, f"{self.site}: data ready in {time.perf_counter() - started:.0f} s")
         self.ready = True
 
     def _synthetic_cohort(self, root: Path, fl_ctx: FLContext) -> Path:
@@ -278,7 +292,7 @@ class SiteLearner(Executor):
             max_grad_norm=self.max_grad_norm, batch_size=self.batch_size, sample_rate=self.sample_rate,
             accountant=self.accountant_name)
         if accountant is not None:
-            message = (f"continuing ledger entry {key}: {accountant.steps} steps done, epsilon "
+            message = (f"{self.site}: continuing ledger entry {key}: {accountant.steps} steps done, epsilon "
                        f"{accountant.epsilon():.3f} spent; {steps} more at noise multiplier "
                        f"{accountant.settings.noise_multiplier:.4f} (plan: {accountant.settings.steps} steps, "
                        f"epsilon <= {accountant.settings.target_epsilon})")
@@ -286,12 +300,14 @@ class SiteLearner(Executor):
             raise PrivacyError(f"the job resumes ledger entry {key}, which has no saved accountant in "
                                f"{self.settings.ledger}: refused")
         else:
+            self.log_info(fl_ctx, f"{self.site}: calibrating the noise for epsilon {self.target_epsilon} at delta "
+                                  f"{self.delta} over {steps} steps (once per job)")
             s = calibrate(self.target_epsilon, self.delta, self.max_grad_norm, self.batch_size,
                           self.sample_rate, steps, self.accountant_name)
             accountant = Accountant(s)
-            message = (f"calibrated noise multiplier {s.noise_multiplier:.4f} for epsilon {s.target_epsilon} at "
-                       f"delta {s.delta} over {s.steps} steps (sample rate {s.sample_rate:.4f}, accountant "
-                       f"{s.accountant}); ledger entry {key}")
+            message = (f"{self.site}: calibrated noise multiplier {s.noise_multiplier:.4f} for epsilon "
+                       f"{s.target_epsilon} at delta {s.delta} over {s.steps} steps (sample rate "
+                       f"{s.sample_rate:.4f}, accountant {s.accountant}); ledger entry {key}")
         check_cohort(accountant.settings, self.n_patients)
         ledger.reserve(key, accountant.settings)
         if self.site in self.resume:
@@ -338,9 +354,9 @@ class SiteLearner(Executor):
                 "privacy": self._privacy_meta(), "training": self._training_meta()}
         spent = f"epsilon {meta['privacy']['epsilon']:.3f}" if self.dp else "no DP"
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        self.log_info(fl_ctx, f"round {current_round}: {stats.steps} steps in {seconds:.1f} s, peak memory "
-                              f"{peak_mb:.0f} MB (kept at the site), val Dice {val['val_dice']:.4f}, {spent}")
-        self.log_debug(fl_ctx, f"round {current_round}: local train loss {stats.mean_loss:.4f}, "
+        self.log_info(fl_ctx, f"{self.site}: round {current_round}: {stats.steps} steps in {seconds:.1f} s, peak "
+                              f"memory {peak_mb:.0f} MB (kept at the site), val Dice {val['val_dice']:.4f}, {spent}")
+        self.log_debug(fl_ctx, f"{self.site}: round {current_round}: local train loss {stats.mean_loss:.4f}, "
                                f"{stats.samples} slices in {stats.steps} steps (kept at the site)")
         self._keep_round_record(current_round, seconds, peak_mb)
         self._track(current_round, val, meta["privacy"])
@@ -391,7 +407,8 @@ class SiteLearner(Executor):
         network.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in dxo.data.items()}, strict=True)
         result = evaluate(self.settings.datalist, self.bundle, network, "test")
         metrics = {"test_dice": result["mean_dice"], "test_patients": result["patients"]}
-        self.log_info(fl_ctx, f"test Dice of model from {shareable.get_header(AppConstants.MODEL_OWNER)}: {result['mean_dice']:.4f}")
+        self.log_info(fl_ctx, f"{self.site}: test Dice of model from {shareable.get_header(AppConstants.MODEL_OWNER)}: "
+                              f"{result['mean_dice']:.4f}")
         return DXO(DataKind.METRICS, data=metrics).to_shareable()
 
     def _track(self, current_round: int, val: dict, privacy: dict) -> None:

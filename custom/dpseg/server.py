@@ -22,7 +22,7 @@ import torch
 from nvflare.apis.dxo import MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_component import FLComponent
-from nvflare.apis.fl_constant import FLContextKey, ReservedKey
+from nvflare.apis.fl_constant import FLContextKey, JobConstants, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
@@ -31,6 +31,7 @@ from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
 from dpseg.bundle import Bundle
 from dpseg.files import write_whole
+from dpseg.workspace import allow_list_refusal
 
 ROUNDS_FILE = "dpseg_rounds.json"
 BUNDLE_OUT = "bundle"
@@ -47,6 +48,9 @@ class BundlePersistor(PTFileModelPersistor):
     ``resume_model``: a state dict file inside the job's app folder (relative path) to start from
     instead, the global model of a stopped job (``dpseg resume-job`` writes it there).
     Every persisted global model also becomes the job's resume point (``RESUME_FILE``).
+    At the start of a job it applies the server's class allow-list to the job's configuration
+    (``dpseg.workspace.allow_list_refusal``; NVFlare leaves that to the job when the job's app has a
+    ``custom/`` folder, as the shipped ones do) and stops the job with one line where it is refused.
     """
 
     def __init__(self, seed: int = 0, resume_model: str = "", **kwargs):
@@ -60,6 +64,8 @@ class BundlePersistor(PTFileModelPersistor):
         super().__init__(model=network, **kwargs)
 
     def handle_event(self, event: str, fl_ctx: FLContext):
+        if event == EventType.START_RUN and self._refused(fl_ctx):
+            return
         if event == EventType.START_RUN and self.resume_model:
             path = Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)) / self.resume_model
             if not path.is_file():
@@ -69,6 +75,18 @@ class BundlePersistor(PTFileModelPersistor):
         super().handle_event(event, fl_ctx)
         if event == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
             self._write_bundle(fl_ctx)
+
+    def _refused(self, fl_ctx: FLContext) -> bool:
+        """Stop the job (and say why, in one line) if the server's class allow-list does not allow
+        it (``dpseg.workspace.allow_list_refusal``); before the persistor does anything."""
+        app_dir = Path(fl_ctx.get_prop(FLContextKey.APP_ROOT))
+        root = Path(fl_ctx.get_engine().get_workspace().get_root_dir())
+        refusal = allow_list_refusal("the server", root, app_dir / "config" / JobConstants.SERVER_JOB_CONFIG,
+                                     str(fl_ctx.get_job_id()))
+        if refusal:
+            self.log_error(fl_ctx, refusal)
+            self.system_panic(refusal, fl_ctx)
+        return refusal is not None
 
     def save_model(self, ml: ModelLearnable, fl_ctx: FLContext):
         """Persist the global model and the resume point: (round just completed, end round, model),
@@ -107,6 +125,8 @@ class RoundRecorder(FLComponent):
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
             self.path = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / ROUNDS_FILE
+            self.log_info(fl_ctx, "server: job started; waiting for the sites' first updates (each site first "
+                                  "checks and caches its data)")
         elif event_type == AppEventType.ROUND_STARTED:
             self._round(fl_ctx)["started"] = time.time()
         elif event_type == AppEventType.BEFORE_CONTRIBUTION_ACCEPT:

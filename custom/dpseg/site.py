@@ -116,11 +116,15 @@ def _cap(value, name: str) -> float | None:
 
 
 def load_site_settings(site: str, workspace_root: Path | None = None, synthetic_root: Path | None = None,
-                       require_ledger: bool = True) -> SiteSettings:
+                       require_ledger: bool = True, edited_in: Path | None = None) -> SiteSettings:
     """Resolve the site's settings; ``synthetic_root`` is used only when the job asks for synthetic
-    data. ``require_ledger`` (a DP job): the ledger must be configured and exist."""
+    data. ``require_ledger`` (a DP job): the ledger must be configured and exist. ``edited_in``:
+    the workspace whose ``local/dpseg_site.json`` the messages name, where it is not
+    ``workspace_root``'s (the simulator copies its workspace's ``local/`` to every site)."""
     file_values, file_name = _file_settings(workspace_root)
     check_retired(file_values, file_name)
+    if edited_in is not None:
+        file_name = str(Path(edited_in) / SITE_FILE)
 
     def get(key: str):
         return os.environ.get(ENV[key]) or file_values.get(key)
