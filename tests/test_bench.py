@@ -10,6 +10,8 @@ def test_bench_reports_a_ratio_for_every_working_mode():
         assert modes[name]["median_s"] > 0 and modes[name]["ratio_to_non_dp"] > 0
     for name in ("ew", "ghost"):  # each either runs or says why not
         assert "error" in modes[name] or modes[name]["median_s"] > 0
+    noise = out["noise"]  # one step's secure noise, beside the seeded draw it replaced
+    assert noise["coordinates"] > 100_000 and noise["secure_ms"] > 0 and noise["seeded_torch_ms"] > 0
 
 
 def test_peak_memory_of_a_mode_in_its_own_process():

@@ -141,6 +141,28 @@ def peak_memory(mode: str, batch_size: int, threads: int | None) -> dict:
     return out
 
 
+def noise_time(repeats: int = 21) -> dict:
+    """Median milliseconds to draw one step's Gaussian noise for every parameter of the bundle
+    network: from ``SecureRandom`` (what DP training uses) and, for comparison, from an
+    integer-seeded torch generator per parameter (Opacus' default, which DP training must not use)."""
+    params = [p for p in Bundle().network().parameters()]
+    sizes = [p.numel() for p in params]
+    source, generator = SecureRandom(), torch.Generator().manual_seed(0)
+
+    def median_ms(draw) -> float:
+        draw()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            draw()
+            times.append(time.perf_counter() - start)
+        return 1000 * statistics.median(times)
+
+    return {"coordinates": sum(sizes), "secure_ms": median_ms(lambda: source.gaussian(sum(sizes), 1.0)),
+            "seeded_torch_ms": median_ms(lambda: [torch.normal(0.0, 1.0, p.shape, generator=generator)
+                                                  for p in params])}
+
+
 def step_time_ratios(batch_size: int = 16, repeats: int = 7, threads: int | None = None,
                      memory: bool = True) -> dict:
     """Median step time of each DP mode divided by the non-DP step time (same process), and the
@@ -159,7 +181,7 @@ def step_time_ratios(batch_size: int = 16, repeats: int = 7, threads: int | None
     return {"benchmark": "dp_step_time", "batch_size": batch_size, "input": list(bundle.roi_size()),
             "network": "bundle network_def", "torch_threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
-            "torch": torch.__version__, "modes": results}
+            "torch": torch.__version__, "modes": results, "noise": noise_time()}
 
 
 def attack_time(overrides: dict | None = None, prior_patients: tuple[int, ...] | None = None) -> dict:
