@@ -1,5 +1,6 @@
 import hashlib
 import json
+from dataclasses import astuple
 
 import nibabel as nib
 import numpy as np
@@ -115,3 +116,30 @@ def test_synth_command_writes_the_sites_and_the_pooled_datalist(tmp_path):
     count = lambda d: sum(len(d.get(split, [])) for split in ("training", "validation", "test"))  # noqa: E731
     assert [count(d) for d in sites] == [3, 4] and count(pooled) == 7
     assert "(all sites pooled)" in out.stdout
+
+
+# sha256 of (image bytes + label bytes) of the first patient phantom() draws for each site of
+# site_profiles(5, seed=3) with write_site's generator for seed 7, and of the profiles of 12 sites
+# (seed 5). Computed before the public cohort existed: site cohorts must stay bit-for-bit the same.
+# (The digests hold for the numpy / scipy this project runs with; after an upgrade of those alone,
+# recompute them on a commit that has not touched dpseg.synthetic.)
+SITE_PHANTOM_SHA256 = {
+    "site-1": "4792eb10226861799372128b00a0697e28a8ed22ed9dd43cdfeb8fb5b32bf8e4",
+    "site-2": "d5891473ac7a7de499ffe3caa65ce83534d682ea57ca514ed3a6071ea049986f",
+    "site-3": "d76816a6d00f710a8086047d13b3fc4e78d1ed645f6925515397503ecaf5d2f3",
+    "site-4": "382d56c52fbdd98c3952ff498050f871d93a58e2a4383017d6994b49b2f96ae4",
+    "site-5": "846c82ff88b70daac32d1ff239ed3bebe3cd704965a1c913b5bd508eb8b25579",
+}
+SITE_PROFILES_SHA256 = "d7f7423f7a8e73cbe0dd8288e4689a62ad17ac05576a1f34d49c25f1e6a93709"
+
+
+def test_site_phantoms_and_profiles_are_unchanged():
+    profiles = site_profiles(5, seed=3)
+    assert [p.phase for p in profiles] == ["portal", "arterial", "native", "arterial", "native"]
+    for profile in profiles:
+        rng = np.random.default_rng([7, int(profile.name.split("-")[-1])])
+        image, label = phantom(profile, rng)
+        digest = hashlib.sha256(image.tobytes() + label.tobytes()).hexdigest()
+        assert digest == SITE_PHANTOM_SHA256[profile.name], f"{profile.name}'s phantom changed"
+    rows = repr([astuple(p) for p in site_profiles(12, seed=5)]).encode()
+    assert hashlib.sha256(rows).hexdigest() == SITE_PROFILES_SHA256, "site_profiles() draws other sites"
