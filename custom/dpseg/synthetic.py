@@ -144,14 +144,31 @@ def _tube(grid: _Grid, start, end, radius: float) -> np.ndarray:
     return dist2 < radius**2
 
 
-def phantom(profile: SiteProfile, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One patient: (image in HU as int16, binary liver label as uint8), both RAS-ordered (X, Y, Z)."""
-    g = _Grid(profile.shape, profile.spacing)
-    liver_hu, aorta_hu, vein_hu = PHASE_HU[profile.phase]
-    liver_hu += rng.normal(0, 6)
-    hu = np.full(g.shape, -1000.0, dtype=np.float32)
+@dataclass
+class _Torso:
+    """Landmarks of a drawn torso (mm, patient coordinates) and its masks (X, Y, Z).
 
-    # Body, subcutaneous fat, abdominal wall, abdominal cavity (visceral fat).
+    cy: body centre (anterior-posterior); ac, bc: semi-axes of the cavity inside the abdominal
+    wall; z_right: top of the right diaphragm dome; dome: height of the diaphragm at every voxel;
+    yv: centre of the vertebral bodies (anterior-posterior).
+    """
+
+    cy: float
+    ac: float
+    bc: float
+    cavity: np.ndarray
+    z_right: float
+    dome: np.ndarray
+    thorax: np.ndarray
+    yv: float
+    vert: np.ndarray
+
+
+def _body_wall(g: _Grid, hu: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float, np.ndarray]:
+    """Body, subcutaneous fat, abdominal wall, abdominal cavity (visceral fat), drawn into ``hu``.
+
+    Returns (cy, ac, bc, cavity): the body's centre (y, mm), the cavity's semi-axes (mm), its mask.
+    """
     a, b = rng.uniform(130, 165), rng.uniform(95, 120)
     cy = rng.uniform(-8, 8)
     fat, wall = rng.uniform(8, 28), rng.uniform(8, 13)
@@ -161,6 +178,16 @@ def phantom(profile: SiteProfile, rng: np.random.Generator) -> tuple[np.ndarray,
     hu[g.ellipse((0, cy), (a - fat, b - fat)) < 1] = 45
     cavity = g.ellipse((0, cy), (ac, bc)) < 1
     hu[cavity] = -85
+    return cy, ac, bc, cavity
+
+
+def _torso(g: _Grid, hu: np.ndarray, heart_hu: float, rng: np.random.Generator,
+           ribs_above_dome_mm: float = 30.0) -> _Torso:
+    """Body wall, diaphragm with lungs and heart above it, spine and ribs, drawn into ``hu``.
+
+    Ribs reach ``ribs_above_dome_mm`` above the right dome (the sites' volumes end about there).
+    """
+    cy, ac, bc, cavity = _body_wall(g, hu, rng)
 
     # Diaphragm: two domes (the right one higher); lungs and heart above, abdomen below.
     z_right = rng.uniform(40, 75)
@@ -170,7 +197,7 @@ def phantom(profile: SiteProfile, rng: np.random.Generator) -> tuple[np.ndarray,
     thorax = cavity & (g.z > dome)
     hu[thorax] = -850 + rng.normal(0, 15)
     heart = thorax & (g.ellipsoid((-20, cy + 35, z_right + 45), (55, 45, 50)) < 1)
-    hu[heart] = 40 if profile.phase == "native" else 150
+    hu[heart] = heart_hu
 
     # Spine (vertebral bodies with discs), canal, paraspinal muscles, ribs.
     yv = cy - bc + rng.uniform(26, 34)
@@ -189,25 +216,35 @@ def phantom(profile: SiteProfile, rng: np.random.Generator) -> tuple[np.ndarray,
             continue
         rx, ry = np.cos(angle) * (ac + 3), cy + np.sin(angle) * (bc + 3)
         band = np.abs(((g.z + rib_phase + 8 * angle) % 26) - 13) < 5
-        hu[(g.ellipse((rx, ry), (6, 5)) < 1) & band & (g.z < z_right + 30)] = 550
+        hu[(g.ellipse((rx, ry), (6, 5)) < 1) & band & (g.z < z_right + ribs_above_dome_mm)] = 550
+    return _Torso(cy, ac, bc, cavity, z_right, dome, thorax, yv, vert)
 
-    abdomen = cavity & ~thorax & ~vert
 
-    # Liver: a union of lobes with a smoothly perturbed surface, under the right dome.
+def _liver(g: _Grid, hu: np.ndarray, t: _Torso, abdomen: np.ndarray, liver_hu: float,
+           rng: np.random.Generator) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """A union of lobes with a smoothly perturbed surface, under the right dome, drawn into ``hu``.
+
+    Returns the liver mask and the centre (mm) of its main lobe.
+    """
     s = rng.uniform(0.8, 1.2)
-    xl, yl, zl = rng.uniform(50, 75), cy + rng.uniform(-10, 12), z_right - rng.uniform(40, 60)
+    xl, yl, zl = rng.uniform(50, 75), t.cy + rng.uniform(-10, 12), t.z_right - rng.uniform(40, 60)
     lobes = [
         ((xl, yl, zl), (62 * s, 70 * s, 55 * s)),
         ((xl - rng.uniform(60, 85), yl + rng.uniform(25, 45), zl + 12), (rng.uniform(40, 65) * s, 32 * s, 35 * s)),
         ((xl + 8, yl - 10, zl - rng.uniform(40, 70)), (36 * s, 40 * s, rng.uniform(25, 45) * s)),
     ]
     shape = np.minimum.reduce([g.ellipsoid(c, r) for c, r in lobes])
-    liver = abdomen & (shape < 1 + 0.3 * g.smooth_field(rng, 120.0)) & (g.z < dome - 3)
-    liver &= g.ellipse((0, yv), (24, 22)) >= 1
+    liver = abdomen & (shape < 1 + 0.3 * g.smooth_field(rng, 120.0)) & (g.z < t.dome - 3)
+    liver &= g.ellipse((0, t.yv), (24, 22)) >= 1
     texture = 6 * g.smooth_field(rng, 25.0)
     hu[liver] = (liver_hu + texture)[liver]
+    return liver, (xl, yl, zl)
 
-    # Organs with HU close to the liver's: spleen, kidneys; then stomach, bowel, vessels.
+
+def _abdominal_organs(g: _Grid, hu: np.ndarray, t: _Torso, abdomen: np.ndarray, liver: np.ndarray, zl: float,
+                      liver_hu: float, rng: np.random.Generator) -> None:
+    """Organs with HU close to the liver's (spleen, kidneys), then stomach and bowel, into ``hu``."""
+    cy, yv = t.cy, t.yv
     spleen = abdomen & ~liver & (g.ellipsoid((-rng.uniform(70, 90), yv + rng.uniform(25, 40), zl + rng.uniform(0, 30)),
                                              np.array([28.0, 45.0, 50.0]) * rng.uniform(0.8, 1.2)) < 1)
     hu[spleen] = liver_hu + rng.uniform(-12, 15)
@@ -222,11 +259,12 @@ def phantom(profile: SiteProfile, rng: np.random.Generator) -> tuple[np.ndarray,
         c = (rng.uniform(-70, 60), cy + rng.uniform(-10, 60), rng.uniform(-90, zl - 30))
         blob = abdomen & ~liver & (g.ellipsoid(c, rng.uniform(10, 25, size=3)) < 1)
         hu[blob] = -700 if rng.random() < 0.25 else rng.uniform(-20, 50)
-    aorta = (g.ellipse((-15, yv + 27), (11, 11)) < 1) & ~thorax
-    ivc = (g.ellipse((22, yv + 30), (12, 10)) < 1) & ~thorax
-    hu[aorta] = aorta_hu
-    hu[ivc] = vein_hu
-    liver &= ~ivc
+
+
+def _liver_vessels_and_lesions(g: _Grid, hu: np.ndarray, liver: np.ndarray, centre, liver_hu: float,
+                               vein_hu: float, rng: np.random.Generator) -> None:
+    """Intrahepatic veins and sometimes lesions (both part of the liver label), drawn into ``hu``."""
+    xl, yl, zl = centre
     for _ in range(rng.integers(3, 7)):  # intrahepatic veins, labelled liver as in MSD
         start = (xl + rng.uniform(-30, 30), yl + rng.uniform(-30, 30), zl + rng.uniform(-30, 30))
         end = (xl + rng.uniform(-60, 60), yl + rng.uniform(-60, 60), zl + rng.uniform(-50, 50))
@@ -241,12 +279,43 @@ def phantom(profile: SiteProfile, rng: np.random.Generator) -> tuple[np.ndarray,
         lesion = liver & (g.ellipsoid(centre, rng.uniform(5, 20, size=3)) < 1)
         hu[lesion] = liver_hu - rng.uniform(30, 60) if rng.random() < 0.8 else liver_hu + rng.uniform(30, 60)
 
-    # Scanner: partial volume blur, noise, calibration offset.
-    sigma_vox = [0.7 * min(profile.spacing) / sp for sp in profile.spacing]
+
+def _abdomen(g: _Grid, phase: str, rng: np.random.Generator,
+             ribs_above_dome_mm: float = 30.0) -> tuple[np.ndarray, np.ndarray, _Torso]:
+    """The torso with its abdominal organs before the scanner: (HU float32, liver mask, landmarks).
+
+    The liver mask holds the liver, its lesions and intrahepatic vessels (not the vena cava).
+    """
+    liver_hu, aorta_hu, vein_hu = PHASE_HU[phase]
+    liver_hu += rng.normal(0, 6)
+    hu = np.full(g.shape, -1000.0, dtype=np.float32)
+    t = _torso(g, hu, 40 if phase == "native" else 150, rng, ribs_above_dome_mm)
+    abdomen = t.cavity & ~t.thorax & ~t.vert
+    liver, centre = _liver(g, hu, t, abdomen, liver_hu, rng)
+    _abdominal_organs(g, hu, t, abdomen, liver, centre[2], liver_hu, rng)
+    aorta = (g.ellipse((-15, t.yv + 27), (11, 11)) < 1) & ~t.thorax
+    ivc = (g.ellipse((22, t.yv + 30), (12, 10)) < 1) & ~t.thorax
+    hu[aorta] = aorta_hu
+    hu[ivc] = vein_hu
+    liver &= ~ivc
+    _liver_vessels_and_lesions(g, hu, liver, centre, liver_hu, vein_hu, rng)
+    return hu, liver, t
+
+
+def _scanned(hu: np.ndarray, spacing, noise_hu: float, offset_hu: float, rng: np.random.Generator) -> np.ndarray:
+    """What a scanner stores (int16 HU): partial volume blur, white noise (``noise_hu``, HU), offset (HU)."""
+    sigma_vox = [0.7 * min(spacing) / sp for sp in spacing]
     hu = ndimage.gaussian_filter(hu, sigma_vox)
-    hu += rng.normal(0, profile.noise_hu, size=hu.shape).astype(np.float32)
-    hu += profile.offset_hu
-    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16), liver.astype(np.uint8)
+    hu += rng.normal(0, noise_hu, size=hu.shape).astype(np.float32)
+    hu += offset_hu
+    return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+
+
+def phantom(profile: SiteProfile, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One patient: (image in HU as int16, binary liver label as uint8), both RAS-ordered (X, Y, Z)."""
+    g = _Grid(profile.shape, profile.spacing)
+    hu, liver, _ = _abdomen(g, profile.phase, rng)
+    return _scanned(hu, profile.spacing, profile.noise_hu, profile.offset_hu, rng), liver.astype(np.uint8)
 
 
 def ras_to_storage(volume: np.ndarray, spacing, orientation: str) -> tuple[np.ndarray, np.ndarray]:
