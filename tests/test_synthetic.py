@@ -1,5 +1,6 @@
 import hashlib
 import json
+from collections import Counter
 from dataclasses import astuple
 
 import nibabel as nib
@@ -7,7 +8,26 @@ import numpy as np
 import pytest
 
 from dpseg.datalist import read_datalist
-from dpseg.synthetic import DEFAULT_PROFILES, PHASE_HU, phantom, site_profiles, write_site
+from dpseg.synthetic import (
+    DEFAULT_PROFILES,
+    PHASE_HU,
+    PUBLIC_PHASES,
+    PUBLIC_PROFILES,
+    PUBLIC_SEED_TAG,
+    SITE_FOV_MM,
+    SITE_NOISE_HU,
+    SITE_OFFSET_HU,
+    SITE_PHASES,
+    SITE_SLICE_MM,
+    phantom,
+    public_phantom,
+    public_plan,
+    public_profiles,
+    public_rng,
+    site_profiles,
+    site_rng,
+    write_site,
+)
 
 
 def _load(site_dir, pid):
@@ -143,3 +163,80 @@ def test_site_phantoms_and_profiles_are_unchanged():
         assert digest == SITE_PHANTOM_SHA256[profile.name], f"{profile.name}'s phantom changed"
     rows = repr([astuple(p) for p in site_profiles(12, seed=5)]).encode()
     assert hashlib.sha256(rows).hexdigest() == SITE_PROFILES_SHA256, "site_profiles() draws other sites"
+
+
+def _outside(value: float, low_high: tuple[float, float]) -> bool:
+    return not low_high[0] <= value <= low_high[1]
+
+
+def test_public_profiles_differ_from_every_site_profile():
+    assert not set(SITE_PHASES) & set(PUBLIC_PHASES)
+    drawn = [s for seed in range(10) for s in site_profiles(40, seed=seed)]
+    assert {s.phase for s in drawn} == set(SITE_PHASES)  # the sites draw exactly the phases they always did
+    for p in PUBLIC_PROFILES:
+        assert p.phase in PUBLIC_PHASES
+        # outside the rule site_profiles() draws sites 4+ from, whatever the seed
+        assert _outside(p.noise_hu, SITE_NOISE_HU) and _outside(p.offset_hu, SITE_OFFSET_HU)
+        assert _outside(p.fov_mm, SITE_FOV_MM) and p.slice_mm not in SITE_SLICE_MM
+        for s in (*DEFAULT_PROFILES, *drawn):
+            assert p.name != s.name and p.phase != s.phase, (p, s)
+            assert p.noise_hu != s.noise_hu and p.offset_hu != s.offset_hu, (p, s)
+            assert p.fov_mm != s.fov_mm and p.slice_mm != s.slice_mm, (p, s)
+            assert p.spacing != s.spacing
+
+
+def _state(rng: np.random.Generator) -> tuple[int, int]:
+    state = rng.bit_generator.state["state"]
+    return state["state"], state["inc"]
+
+
+def test_public_generators_never_start_where_a_sites_does():
+    seeds = (0, 1, 7, 4242, 2**32 - 1)
+    public = {_state(public_rng(seed, i)) for seed in seeds for i in range(64)}
+    assert len(public) == len(seeds) * 64
+    sites = {_state(site_rng(seed, n)) for seed in seeds for n in range(64)}
+    # site seeds that spell, in numpy's 32-bit entropy words, a public patient's seed, number or tag
+    for seed in seeds:
+        for i in range(4):
+            for big in (seed + (i << 32), seed + (PUBLIC_SEED_TAG << 32), seed + (i << 32) + (PUBLIC_SEED_TAG << 64),
+                        seed + (i << 32) + (PUBLIC_SEED_TAG << 128)):
+                sites |= {_state(site_rng(big, n)) for n in (0, 1, i, PUBLIC_SEED_TAG)}
+    assert not public & sites
+    # the look-alike seeds above are the ones that would catch a plain tag in the entropy
+    naive = np.random.default_rng([5, PUBLIC_SEED_TAG, 3])
+    assert _state(naive) == _state(site_rng(5 + (PUBLIC_SEED_TAG << 32), 3))
+    for bad in (-1, 2**32):
+        with pytest.raises(ValueError, match="seed"):
+            public_rng(bad, 0)
+
+
+def test_public_plan_mixes_regions_and_scanners():
+    regions = Counter(p.region for p in public_plan(96))
+    assert regions == {"abdomen": 53, "chest": 15, "pelvis": 14, "head": 14}
+    assert [p.name for p in public_plan(6)] == [p.name for p in PUBLIC_PROFILES]
+    assert {p.name for p in public_plan(8)} == {p.name for p in PUBLIC_PROFILES}
+    with pytest.raises(ValueError, match="at least 6 patients"):
+        public_plan(5)
+
+
+def test_public_regions_liver_only_in_the_abdomen_and_the_chests_bottom():
+    by_region = {}
+    for n, profile in enumerate(public_profiles(in_plane=48)):
+        for i in range(3):
+            image, label = public_phantom(profile, public_rng(11, 10 * n + i))
+            assert image.shape == label.shape == profile.shape and image.dtype == np.int16
+            by_region.setdefault(profile.region, []).append((profile, image, label))
+    for profile, image, label in by_region["abdomen"]:
+        assert 0.005 < label.mean() < 0.2, profile.name
+    for profile, image, label in by_region["chest"]:
+        z = profile.z_centre_mm + (np.arange(profile.shape[2]) - (profile.shape[2] - 1) / 2) * profile.slice_mm
+        assert label.mean() < 0.002 and (not label.any() or z[label.any(axis=(0, 1))].max() < 75)
+        assert np.mean(image < -700) > 0.15  # lungs
+    for profile, image, label in by_region["pelvis"] + by_region["head"]:
+        assert not label.any(), profile.name
+        assert image.min() < -900 and image.max() > 450  # air around the body, bone
+    for profile, image, label in by_region["head"]:
+        assert image.max() > 900  # the skull, denser than any bone the sites show
+    delayed = [image for profile, image, _ in by_region["pelvis"] if profile.phase == "delayed"]
+    assert delayed and all(np.mean(image > 300) > 0.001 for image in delayed)  # contrast in the bladder
+
