@@ -240,3 +240,28 @@ def test_public_regions_liver_only_in_the_abdomen_and_the_chests_bottom():
     delayed = [image for profile, image, _ in by_region["pelvis"] if profile.phase == "delayed"]
     assert delayed and all(np.mean(image > 300) > 0.001 for image in delayed)  # contrast in the bladder
 
+
+def test_synth_public_writes_a_cohort_check_data_accepts(tmp_path):
+    from conftest import run_cli
+
+    bad = run_cli("synth", "--public", "--out", str(tmp_path / "bad"), "--sites", "2")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --public writes the public cohort alone")
+    out = run_cli("synth", "--public", "--out", str(tmp_path), "--patients", "8", "--voxels", "24", "--seed", "3")
+    assert out.returncode == 0, out.stderr
+    folder = tmp_path / "public"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["public"]
+    check = run_cli("check-data", str(folder / "datalist.json"))
+    assert check.returncode == 0, check.stdout + check.stderr
+    data = read_datalist(folder / "datalist.json")
+    items = [it for split in ("training", "validation", "test") for it in data[split]]
+    assert all(data[split] for split in ("training", "validation", "test"))
+    assert sorted(it["patient"] for it in items) == [f"public_{i:03d}" for i in range(8)]
+    scanners = json.loads((folder / "scanners.json").read_text())
+    assert scanners["seed"] == 3 and [s["name"] for s in scanners["scanners"]] == [p.name for p in PUBLIC_PROFILES]
+    region = {s["name"]: s["region"] for s in scanners["scanners"]}
+    for it in items:
+        img, lab = _load(folder, it["patient"])
+        assert img.shape[:2] == (24, 24)
+        liver = np.asanyarray(lab.dataobj).any()
+        assert liver == (region[scanners["patients"][it["patient"]]] == "abdomen") or \
+            region[scanners["patients"][it["patient"]]] == "chest"

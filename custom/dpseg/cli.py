@@ -36,9 +36,39 @@ def write_synthetic(out: Path, sites: int, patients, seed: int) -> None:
     print(f"wrote {out / 'datalist.json'} (all sites pooled) in {time.perf_counter() - start:.1f} s")
 
 
+def write_public_synthetic(out: Path, patients: int, seed: int, voxels: int) -> None:
+    """``dpseg synth --public``'s work, with progress: the public cohort in ``out/public``."""
+    from dpseg.synthetic import write_public
+
+    start = time.perf_counter()
+
+    def progress(name: str, done: int, total: int) -> None:
+        if done == total or done % 20 == 0:
+            print(f"  {name}: {done}/{total} patients ({time.perf_counter() - start:.1f} s)", flush=True)
+
+    datalist = write_public(out, seed, patients, voxels, progress)
+    print(f"wrote {datalist} (public cohort; scanners in {datalist.parent / 'scanners.json'}) "
+          f"in {time.perf_counter() - start:.1f} s")
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
+    from dpseg.synthetic import IN_PLANE_VOXELS, PUBLIC_PATIENTS
+
     try:
-        write_synthetic(Path(args.out), args.sites, args.patients, args.seed)
+        if args.public:
+            if args.sites is not None:
+                raise ValueError("--public writes the public cohort alone: leave out --sites")
+            if args.patients is not None and len(args.patients) != 1:
+                raise ValueError(f"--patients with --public is one number (the public cohort's size), "
+                                 f"got {args.patients}")
+            patients = PUBLIC_PATIENTS if args.patients is None else args.patients[0]
+            write_public_synthetic(Path(args.out), patients, args.seed,
+                                   IN_PLANE_VOXELS if args.voxels is None else args.voxels)
+        else:
+            if args.voxels is not None:
+                raise ValueError(f"--voxels goes with --public only (the sites' volumes have {IN_PLANE_VOXELS} "
+                                 "voxels a side)")
+            write_synthetic(Path(args.out), 3 if args.sites is None else args.sites, args.patients, args.seed)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -309,11 +339,18 @@ def build_parser() -> argparse.ArgumentParser:
         "Federated CT liver segmentation with patient-level differential privacy."))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("synth", help="write a synthetic multi-site abdominal CT cohort (NIfTI, MSD layout)")
-    p.add_argument("--out", required=True, help="output folder (one sub-folder per site)")
-    p.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
-    p.add_argument("--patients", type=_int_list, help="patients per site, comma-separated (default 60,90,120)")
+    p = sub.add_parser("synth", help="write a synthetic multi-site abdominal CT cohort (NIfTI, MSD layout); with "
+                                      "--public, a public cohort unlike every site (for pretraining)")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per site, or public/)")
+    p.add_argument("--sites", type=int, help="number of sites (default 3)")
+    p.add_argument("--patients", type=_int_list, help="patients per site, comma-separated (default 60,90,120); with "
+                                                      "--public, the public cohort's size (default 96)")
     p.add_argument("--seed", type=int, default=0, help="random seed (the same seed gives the same files)")
+    p.add_argument("--public", action="store_true",
+                   help="write OUT/public: other scanners, contrast phases and body regions (abdomen, chest, pelvis, "
+                        "head and neck) than any site, from seeds no site uses")
+    p.add_argument("--voxels", type=int, help="with --public: voxels per in-plane side (default 128; fewer for quick "
+                                              "tests)")
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("split-msd", help="split a Medical Segmentation Decathlon task into per-site datalists")
