@@ -15,12 +15,14 @@ def _run(arm, kind, seed, dice, eps=None):
             "dice_per_site": {"site-1": dice, "site-2": dice - 0.1}, "mean_dice": dice - 0.05}
 
 
-def test_arms_cover_local_pooled_fl_and_every_epsilon(cohort, tmp_path):
+def test_arms_cover_the_public_model_local_pooled_fl_every_epsilon_and_the_random_start(cohort, tmp_path):
     study = Study(GRIDS["quick"], cohort, tmp_path / "work", tmp_path / "out")
     assert study.sites == ["site-1", "site-2"]
     names = [a.name for a in study.arms()]
-    assert names == ["local site-1", "local site-2", "pooled", "FL", "FL+DP eps 8", "FL+DP eps 3", "FL+DP eps 1"]
+    assert names == ["public model alone", "local site-1", "local site-2", "pooled", "FL", "FL+DP eps 8",
+                     "FL+DP eps 3", "FL+DP eps 1", "FL+DP eps 8 (random start)"]
     assert len({a.slug for a in study.arms()}) == len(names)
+    assert [a.start for a in study.arms()].count("random") == 1  # every other arm starts from the bundle
     with pytest.raises(FileNotFoundError, match="no site-"):
         Study(GRIDS["quick"], tmp_path, tmp_path / "w", tmp_path / "o")
 

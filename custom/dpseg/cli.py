@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(default: a synthetic cohort written into the work folder)")
     p.add_argument("--work", help="work folder for jobs, workspaces and logs (default study_<grid>)")
     p.add_argument("--out", default="docs", help="where results*.md, study_<grid>.json and figures/ go (default docs)")
-    p.add_argument("--only", help="comma-separated arm kinds to train: local,pooled,fed,fed_dp (default all)")
+    p.add_argument("--only", help="comma-separated arm kinds to train: public,local,pooled,fed,fed_dp (default all)")
     p.add_argument("--no-audit", action="store_true", help="skip the leakage audits")
     p.add_argument("--audits-only", action="store_true",
                    help="run the audits alone (after a change of the attack): the training runs are those of "

@@ -38,13 +38,35 @@ BUNDLE_OUT = "bundle"
 RESUME_FILE = "dpseg_resume.pt"
 
 
+INITIAL_MODELS = ("bundle", "random")
+
+
+def initial_network(bundle: Bundle, initial_model: str, seed: int) -> torch.nn.Module:
+    """The job's first global model: the bundle's shipped weights or a seeded random network."""
+    if initial_model not in INITIAL_MODELS:
+        raise ValueError(f"initial_model must be one of {INITIAL_MODELS}, got {initial_model!r}")
+    with torch.random.fork_rng():  # a random start: the same for the same seed
+        torch.manual_seed(seed)
+        network = bundle.network()
+    if initial_model == "bundle":
+        path = bundle.model_path()
+        if not path.is_file():
+            raise FileNotFoundError(f"initial_model 'bundle': the bundle has no weights at {path}; train them "
+                                    "(docs/public_cohort.md) or set initial_model to 'random'")
+        bundle.load_weights(network, path)
+    return network
+
+
 class BundlePersistor(PTFileModelPersistor):
     """PyTorch persistor whose network is the bundle's; writes the best global model as a bundle.
 
     When NVFlare reports a new best global model (by the sites' validation Dice), a complete copy
     of the bundle is written to ``<server run folder>/bundle/<name>/`` with that model as
     ``models/model.pt`` (a plain state dict, loadable by monai.bundle and MONAI Label).
-    ``seed`` initialises the first global model (the same seed, the same initial weights);
+    ``initial_model``: where the first global model comes from: ``"bundle"`` (default) the bundle's
+    shipped weights (``models/model.pt``, trained on the public cohort only, never on a site's
+    patients), ``"random"`` a fresh network initialised from ``seed`` (the same seed, the same
+    initial weights);
     ``resume_model``: a state dict file inside the job's app folder (relative path) to start from
     instead, the global model of a stopped job (``dpseg resume-job`` writes it there).
     Every persisted global model also becomes the job's resume point (``RESUME_FILE``).
@@ -53,15 +75,12 @@ class BundlePersistor(PTFileModelPersistor):
     ``custom/`` folder, as the shipped ones do) and stops the job with one line where it is refused.
     """
 
-    def __init__(self, seed: int = 0, resume_model: str = "", **kwargs):
+    def __init__(self, initial_model: str = "bundle", seed: int = 0, resume_model: str = "", **kwargs):
         self.bundle = Bundle()
         if resume_model and (Path(resume_model).is_absolute() or ".." in Path(resume_model).parts):
             raise ValueError(f"resume_model must be a path inside the job's app folder, got {resume_model!r}")
         self.resume_model = resume_model
-        with torch.random.fork_rng():  # the initial global model: the same for the same seed
-            torch.manual_seed(seed)
-            network = self.bundle.network()
-        super().__init__(model=network, **kwargs)
+        super().__init__(model=initial_network(self.bundle, initial_model, seed), **kwargs)
 
     def handle_event(self, event: str, fl_ctx: FLContext):
         if event == EventType.START_RUN and self._refused(fl_ctx):

@@ -55,7 +55,7 @@ class Grid:
     attack_restarts: int
     attack_refine_iterations: int
     # planning estimates (measured on the 2-core CPU machine): minutes per training run, for every
-    # arm kind or per kind (local / pooled / fed / fed_dp), and per audit; not part of the settings
+    # arm kind or per kind (public / local / pooled / fed / fed_dp), and per audit; not part of the settings
     minutes_per_run: float | dict[str, float]
     minutes_per_audit: float
 
@@ -95,27 +95,35 @@ GRIDS = {
     "full": Grid("full", [60, 90, 120], rounds=20, local_epochs=6.0, batch_size=16, sample_rate=0.25, local_steps=24,
                  epsilons=[8.0, 3.0, 1.0],
                  seeds=[0, 1, 2], audit_rounds=2, attack_iterations=300, attack_restarts=1, attack_refine_iterations=200,
-                 minutes_per_run={"local": 4.5, "pooled": 12.0, "fed": 9.0, "fed_dp": 9.5}, minutes_per_audit=6.5),
+                 minutes_per_run={"public": 0.5, "local": 4.5, "pooled": 12.0, "fed": 9.0, "fed_dp": 9.5}, minutes_per_audit=6.5),
 }
+
+
+ARM_KINDS = ("public", "local", "pooled", "fed", "fed_dp")
+RANDOM_START_EPSILON = 8.0  # the FL+DP arm that starts from a random network (the old start), for comparison
 
 
 @dataclass
 class Arm:
-    """One training configuration: kind is local / pooled / fed / fed_dp."""
+    """One training configuration: kind is one of ARM_KINDS ("public": the bundle's shipped model,
+    trained on the public cohort only, with no site training); start: the first global model,
+    "bundle" (the shipped weights) or "random" (a network initialised from the run's seed)."""
 
     kind: str
     site: str = ""
     epsilon: float | None = None
+    start: str = "bundle"
 
     @property
     def name(self) -> str:
         if self.kind == "fed_dp":
-            return f"FL+DP eps {self.epsilon:g}"
-        return {"local": f"local {self.site}", "pooled": "pooled", "fed": "FL"}[self.kind]
+            return f"FL+DP eps {self.epsilon:g}" + (" (random start)" if self.start == "random" else "")
+        return {"public": "public model alone", "local": f"local {self.site}", "pooled": "pooled",
+                "fed": "FL"}[self.kind]
 
     @property
     def slug(self) -> str:
-        return self.name.replace(" ", "_").replace("+", "_")
+        return self.name.replace(" ", "_").replace("+", "_").replace("(", "").replace(")", "")
 
 
 @dataclass
@@ -140,8 +148,9 @@ class Study:
             raise FileNotFoundError(f"no site-*/datalist.json under {self.cohort}")
 
     def arms(self) -> list[Arm]:
-        return [Arm("local", site=s) for s in self.sites] + [Arm("pooled"), Arm("fed")] + \
-            [Arm("fed_dp", epsilon=e) for e in self.grid.epsilons]
+        return [Arm("public")] + [Arm("local", site=s) for s in self.sites] + [Arm("pooled"), Arm("fed")] + \
+            [Arm("fed_dp", epsilon=e) for e in self.grid.epsilons] + \
+            [Arm("fed_dp", epsilon=RANDOM_START_EPSILON, start="random")]
 
     def env(self, run: Path, clients: list[str], datalist: Path | None = None) -> dict:
         """The simulated sites' settings for one run: the cohort, and a new privacy ledger per site
@@ -230,6 +239,8 @@ def train_arm(study: Study, arm: Arm, seed: int) -> dict:
     if (done := finished(run, g)) is not None:
         return done
     started = time.perf_counter()
+    if arm.kind == "public":
+        return keep(run, g, public_result(study, arm, seed, started))
     clients = {"local": [arm.site], "pooled": ["pooled"]}.get(arm.kind, study.sites)
     learner = {"seed": seed}
     if arm.kind in ("fed", "fed_dp"):  # FL and FL+DP differ only in DP: the same public sampling
@@ -243,7 +254,7 @@ def train_arm(study: Study, arm: Arm, seed: int) -> dict:
     if arm.kind == "fed_dp":
         server["target_epsilon"] = arm.epsilon
     job = configure_job(JOBS_DIR / ("fed_dp" if arm.kind == "fed_dp" else "fed"), run / "job", server, client,
-                        persistor_args={"seed": seed}, learner_args=learner)
+                        persistor_args={"seed": seed, "initial_model": arm.start}, learner_args=learner)
     pooled = study.cohort / "datalist.json" if arm.kind == "pooled" else None
     ws, wall = simulate_complete(study, job, run, study.env(run, clients, pooled), clients)
     report = build_report(ws)
@@ -256,10 +267,22 @@ def train_arm(study: Study, arm: Arm, seed: int) -> dict:
     dice = score_model(model, study)
     eps = [s["privacy"]["epsilon"] for s in report["sites"].values() if (s.get("privacy") or {}).get("dp")]
     return keep(run, g, {
-        "arm": arm.name, "kind": arm.kind, "epsilon": arm.epsilon, "seed": seed, "model": which, "wall_seconds": wall,
+        "arm": arm.name, "kind": arm.kind, "epsilon": arm.epsilon, "start": arm.start, "seed": seed, "model": which,
+        "wall_seconds": wall,
         "train_seconds": sum(s.get("train_seconds") or 0 for s in report["sites"].values()),
         "epsilon_spent": max(eps) if eps else None, "dice_per_site": dice,
         "mean_dice": float(np.mean(list(dice.values()))), "elapsed_seconds": time.perf_counter() - started})
+
+
+def public_result(study: Study, arm: Arm, seed: int, started: float) -> dict:
+    """The bundle's shipped model (trained on the public cohort alone), scored like a trained arm."""
+    from dpseg.bundle import Bundle
+
+    dice = score_model(Bundle().model_path(), study)
+    return {"arm": arm.name, "kind": arm.kind, "epsilon": None, "start": "bundle", "seed": seed, "model": "bundle",
+            "wall_seconds": 0.0,
+            "train_seconds": 0.0, "epsilon_spent": None, "dice_per_site": dice,
+            "mean_dice": float(np.mean(list(dice.values()))), "elapsed_seconds": time.perf_counter() - started}
 
 
 def score_model(model_file: Path, study: Study) -> dict[str, float]:
@@ -338,7 +361,8 @@ def summarize(runs: list[dict]) -> list[dict]:
     for arm in dict.fromkeys(r["arm"] for r in runs):
         rs = [r for r in runs if r["arm"] == arm]
         dice = [r["mean_dice"] for r in rs]
-        rows.append({"arm": arm, "kind": rs[0]["kind"], "epsilon": rs[0]["epsilon"], "seeds": len(rs),
+        rows.append({"arm": arm, "kind": rs[0]["kind"], "epsilon": rs[0]["epsilon"], "start": rs[0].get("start", "bundle"),
+                     "seeds": len(rs),
                      "mean_dice": statistics.mean(dice), "sd_dice": statistics.stdev(dice) if len(dice) > 1 else None,
                      "min_dice": min(dice), "max_dice": max(dice),
                      "dice_per_site": {s: statistics.mean(r["dice_per_site"][s] for r in rs) for s in rs[0]["dice_per_site"]},

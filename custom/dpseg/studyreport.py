@@ -25,12 +25,14 @@ def write_figures(results: dict, folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     name = results["grid"]["name"]
     rows = results["summary"]
-    dp = sorted((r for r in rows if r["kind"] == "fed_dp"), key=lambda r: r["epsilon"])
+    dp = sorted((r for r in rows if r["kind"] == "fed_dp" and r.get("start", "bundle") == "bundle"),
+                key=lambda r: r["epsilon"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     if dp:
         left.errorbar([r["epsilon"] for r in dp], [r["mean_dice"] for r in dp],
                       yerr=[r["sd_dice"] or 0 for r in dp], marker="o", capsize=3, label="FL + DP")
-    styles = {"fed": ("FL, no DP", "C1", "-"), "pooled": ("pooled, no DP", "C2", "--")}
+    styles = {"fed": ("FL, no DP", "C1", "-"), "pooled": ("pooled, no DP", "C2", "--"),
+              "public": ("public model alone", "C4", "-.")}
     for r in rows:
         if r["kind"] in styles:
             label, colour, line = styles[r["kind"]]
@@ -108,7 +110,7 @@ def write_markdown(results: dict, figures: dict[str, Path]) -> str:
     fed = next((r for r in results["summary"] if r["kind"] == "fed"), None)
     if fed:
         gaps = [f"eps {r['epsilon']:g}: {fed['mean_dice'] - r['mean_dice']:+.3f}"
-                for r in results["summary"] if r["kind"] == "fed_dp"]
+                for r in results["summary"] if r["kind"] == "fed_dp" and r.get("start", "bundle") == "bundle"]
         if gaps:
             lines += ["", "Dice gap, FL without DP minus FL with DP: " + ", ".join(gaps) + "."]
     audits = results.get("audits", [])
