@@ -30,7 +30,7 @@ test: $(STAMP)
 # The README's main command: the default synthetic cohort (3 sites), checked, then the federated
 # DP job in the NVFlare simulator (3 sites, 3 processes) on a new workspace, as the README types it,
 # then the privacy / utility report. Site settings come from the environment, as a site's own would
-# (see README, "Site settings"). Each site's privacy ledger holds its total budget (SITE_BUDGET):
+# (see docs/deployment.md, "Site settings"). Each site's privacy ledger holds its total budget (SITE_BUDGET):
 # created with `dpseg ledger init` where missing, before the simulator (`make demo` starts from
 # nothing, ledgers included). SIM_PROGRESS keeps the simulator's progress lines: the server's start,
 # each site's data check and caching (the first minute), the calibration, every round, the test Dice.
