@@ -39,7 +39,8 @@ class Grid:
     local_epochs of local training per round (the local and pooled arms), Poisson batch_size; the
     federated arms' public sample_rate and local_steps per round (FL and FL+DP alike; batch_size is
     the expected batch the update is divided by); epsilons of the DP arms (delta 1e-5, patient level); seeds; audit:
-    rounds audited, attack iterations x restarts."""
+    rounds audited, attack iterations x restarts; random_start_epsilon: the epsilon of an extra FL+DP
+    arm from a random network instead of the bundle's public weights (None: no such arm)."""
 
     name: str
     patients: list[int]
@@ -58,6 +59,8 @@ class Grid:
     # arm kind or per kind (public / local / pooled / fed / fed_dp), and per audit; not part of the settings
     minutes_per_run: float | dict[str, float]
     minutes_per_audit: float
+    # the epsilon of the FL+DP arm that starts from a random network (the old start), None for none
+    random_start_epsilon: float | None = None
 
     def settings(self, audit: bool = True) -> dict:
         """What the results depend on: every field but the planning estimates; a training run's
@@ -91,16 +94,16 @@ GRIDS = {
     "quick": Grid("quick", [16, 16, 16], rounds=4, local_epochs=3.0, batch_size=4, sample_rate=0.35, local_steps=9,
                   epsilons=[8.0, 3.0, 1.0],
                   seeds=[0], audit_rounds=2, attack_iterations=100, attack_restarts=1, attack_refine_iterations=50,
-                  minutes_per_run=1.0, minutes_per_audit=3.0),
+                  minutes_per_run=1.0, minutes_per_audit=3.0, random_start_epsilon=8.0),
     "full": Grid("full", [60, 90, 120], rounds=20, local_epochs=6.0, batch_size=16, sample_rate=0.25, local_steps=24,
                  epsilons=[8.0, 3.0, 1.0],
                  seeds=[0, 1, 2], audit_rounds=2, attack_iterations=300, attack_restarts=1, attack_refine_iterations=200,
-                 minutes_per_run={"public": 0.5, "local": 4.5, "pooled": 12.0, "fed": 9.0, "fed_dp": 9.5}, minutes_per_audit=6.5),
+                 minutes_per_run={"public": 0.5, "local": 4.5, "pooled": 12.0, "fed": 9.0, "fed_dp": 9.5}, minutes_per_audit=6.5,
+                 random_start_epsilon=8.0),
 }
 
 
 ARM_KINDS = ("public", "local", "pooled", "fed", "fed_dp")
-RANDOM_START_EPSILON = 8.0  # the FL+DP arm that starts from a random network (the old start), for comparison
 
 
 @dataclass
@@ -150,7 +153,7 @@ class Study:
     def arms(self) -> list[Arm]:
         return [Arm("public")] + [Arm("local", site=s) for s in self.sites] + [Arm("pooled"), Arm("fed")] + \
             [Arm("fed_dp", epsilon=e) for e in self.grid.epsilons] + \
-            [Arm("fed_dp", epsilon=RANDOM_START_EPSILON, start="random")]
+            ([Arm("fed_dp", epsilon=e, start="random")] if (e := self.grid.random_start_epsilon) else [])
 
     def env(self, run: Path, clients: list[str], datalist: Path | None = None) -> dict:
         """The simulated sites' settings for one run: the cohort, and a new privacy ledger per site
