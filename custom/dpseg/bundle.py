@@ -2,12 +2,17 @@
 
 The bundle (``bundles/ct_liver_seg``) is the single source of truth; nothing here redefines a
 layer or a transform. The bundle is found at ``$DPSEG_BUNDLE_DIR`` or next to this package's
-source tree (the installed copy of a site).
+source tree (the installed copy of a site). Its own Python code (``scripts/``, the plausibility
+check of its inference) is imported as ``scripts`` with the bundle root on the path, as MONAI's
+bundle runner and MONAI Label import it.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -26,6 +31,29 @@ def default_bundle_dir() -> Path:
         source = f"${ENV_BUNDLE_DIR}={configured}" if configured else "the package's bundles/ folder"
         raise FileNotFoundError(f"no MONAI bundle at {path} (from {source}): configs/train.json is missing")
     return path
+
+
+SCRIPTS = "scripts"
+
+
+@contextmanager
+def bundle_scripts(root: Path):
+    """Within the block, ``import scripts`` imports ``root/scripts`` (a ``scripts`` package of another
+    bundle is unloaded first, as MONAI Label does); the root leaves ``sys.path`` afterwards, the
+    imported modules stay loaded."""
+    root = Path(root).resolve()
+    if not (root / SCRIPTS / "__init__.py").is_file():
+        raise FileNotFoundError(f"the bundle {root} has no {SCRIPTS}/__init__.py")
+    loaded = sys.modules.get(SCRIPTS)
+    origin = getattr(loaded, "__file__", None)
+    if loaded is not None and (origin is None or Path(origin).resolve().parent.parent != root):
+        for name in [m for m in sys.modules if m == SCRIPTS or m.startswith(SCRIPTS + ".")]:
+            del sys.modules[name]
+    sys.path.insert(0, str(root))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(root))
 
 
 class Bundle:
@@ -103,8 +131,18 @@ class Bundle:
         from monai.transforms import Compose, SaveImaged
 
         parser = self._parser("inference.json")
-        pre, inferer, post = (parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "postprocessing"))
+        with bundle_scripts(self.root):
+            pre, inferer, post = (parser.get_parsed_content(k) for k in ("preprocessing", "inferer", "postprocessing"))
         return pre, inferer, Compose([t for t in post.transforms if not isinstance(t, SaveImaged)])
+
+    def plausibility_key(self) -> str:
+        """Where the inference postprocessing puts its plausibility report (the prediction's meta)."""
+        return self.inference_config["plausibility_key"]
+
+    def scripts_module(self, name: str):
+        """The module ``scripts.<name>`` of the bundle's own Python code (``scripts/<name>.py``)."""
+        with bundle_scripts(self.root):
+            return importlib.import_module(f"{SCRIPTS}.{name}")
 
     def model_path(self) -> Path:
         return self.root / "models" / "model.pt"
