@@ -123,6 +123,11 @@ def test_bundle_inference_config_writes_a_label_volume_with_input_shape_and_affi
     assert seg.shape == source.shape
     assert np.allclose(seg.affine, source.affine, atol=1e-3)
     assert set(np.unique(np.asanyarray(seg.dataobj))) <= {0, 1}
+    # the plausibility report beside it (NIfTI carries no such meta): a normal abdomen, no flag
+    reports = sorted(out.glob("*_plausibility.json"))
+    assert [r.name for r in reports] == [written[0].name.replace("_seg.nii.gz", "_plausibility.json")]
+    report = json.loads(reports[0].read_text())
+    assert report["plausible"] and report["flags"] == [] and report["measures"]["volume_ml"] > 0
 
 
 def test_shipped_weights_have_plain_keys_and_segment_new_patients(bundle, tmp_path):
@@ -131,8 +136,11 @@ def test_shipped_weights_have_plain_keys_and_segment_new_patients(bundle, tmp_pa
     net = bundle.load_weights(bundle.network())  # strict: every key matches
     cohort = tmp_path / "unseen"
     datalists = write_cohort(cohort, n_sites=3, patients=[3, 3, 3], seed=12345)
-    scores = [evaluate(d, bundle, net, "training")["mean_dice"] for d in datalists]
+    results = [evaluate(d, bundle, net, "training") for d in datalists]
+    scores = [r["mean_dice"] for r in results]
     assert min(scores) > 0.8, scores
+    # and none of these abdominal CTs gets a plausibility flag
+    assert [r["flagged"] for r in results] == [[], [], []], [c["plausibility"] for r in results for c in r["cases"]]
 
 
 def test_verify_net_in_out_and_torchscript_export(tmp_path):

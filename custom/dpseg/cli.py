@@ -107,6 +107,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from dpseg.bundle import Bundle
     from dpseg.evaluate import evaluate
+    from dpseg.plausibility import warning
 
     bundle = Bundle(args.bundle)
     network = bundle.load_weights(bundle.network(), args.model)
@@ -115,7 +116,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         res = evaluate(Path(path), bundle, network, args.split)
         results.append(res)
         print(f"{path}: {res['split']} Dice mean {res['mean_dice']:.3f} (min {res['min_dice']:.3f}, "
-              f"{res['patients']} patients)")
+              f"{res['patients']} patients; {len(res['flagged'])} implausible)")
+        for case in res["cases"]:
+            if case["plausibility"]["flags"]:
+                print(warning(case["patient"], case["plausibility"]), file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     return 0
@@ -418,12 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT/study_<grid>.json, which must have the same training settings and cohort")
     p.set_defaults(func=cmd_study)
 
-    p = sub.add_parser("evaluate", help="Dice of the bundle's model on whole 3D volumes of a split")
+    p = sub.add_parser("evaluate", help="Dice and plausibility of the bundle's model on whole 3D volumes of a split")
     p.add_argument("datalist", nargs="+")
     p.add_argument("--split", default="test")
     p.add_argument("--model", help="state dict to evaluate (default: the bundle's models/model.pt)")
     p.add_argument("--bundle", help="bundle folder (default: the installed bundle)")
-    p.add_argument("--json", help="also write the per-patient results to this JSON file")
+    p.add_argument("--json", help="also write the per-patient results (Dice, plausibility report) to this JSON file")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("audit", help="gradient-inversion attack on one saved update, scored against the true batch")
