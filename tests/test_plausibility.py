@@ -15,29 +15,12 @@ from dpseg.bundle import Bundle
 from dpseg.cli import main
 from dpseg.datalist import resolve, write_datalist
 from dpseg.plausibility import case_record, checks, flagged, warning
-from dpseg.synthetic import write_cohort
+from dpseg.synthetic import head_phantom, write_cohort
 
 
 @pytest.fixture(scope="module")
 def P(bundle):
     return checks(bundle)
-
-
-def head_volume(shape=(64, 64, 40), spacing=(4.0, 4.0, 4.0), seed=0):
-    """A head-like CT in HU (RAS-ordered, affine diag(spacing)): a skull of 1000 HU, 7 mm thick,
-    around brain at 35 HU, 4 mm of scalp at 40 HU, air at -1000 HU, noise 10 HU."""
-    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
-    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
-
-    def inside(grow):
-        return (x / (75 + grow)) ** 2 + (y / (95 + grow)) ** 2 + (z / (85 + grow)) ** 2 < 1
-
-    hu = np.full(shape, -1000.0, dtype=np.float32)
-    hu[inside(4)] = 40
-    hu[inside(0)] = 1000
-    hu[inside(-7)] = 35
-    hu += np.random.default_rng(seed).normal(0, 10, size=shape).astype(np.float32)
-    return hu, inside(-7), np.diag([*spacing, 1.0])
 
 
 def chest_volume(shape=(96, 72, 20), spacing=(4.0, 4.0, 5.0)):
@@ -127,7 +110,7 @@ def test_synthetic_sites_true_livers_are_not_flagged(P, tmp_path):
 
 
 def test_half_of_a_head_labelled_liver_is_flagged(P):
-    hu, brain, affine = head_volume()
+    hu, brain, affine = head_phantom()
     half = np.zeros(hu.shape, dtype=bool)
     half[:, :, : hu.shape[2] // 2] = True
     report = P.assess(half, hu, affine)
@@ -141,7 +124,7 @@ def test_half_of_a_head_labelled_liver_is_flagged(P):
 
 
 def test_skull_ring_and_lung_slices_are_recognised(P):
-    hu, _, _ = head_volume()
+    hu, _, _ = head_phantom()
     mid = hu[:, :, hu.shape[2] // 2]
     assert P.bone_enclosed_fraction(mid) > 0.6 and P.is_skull_slice(mid)
     broken = mid.copy()
@@ -154,7 +137,7 @@ def test_skull_ring_and_lung_slices_are_recognised(P):
 
 
 def test_the_transform_puts_the_report_in_the_meta_and_the_result_and_logs(P, caplog):
-    hu, _, affine = head_volume()
+    hu, _, affine = head_phantom()
     pred = np.zeros((1, *hu.shape), dtype=np.float32)
     pred[0, :, :, :20] = 1
     data = {"pred": MetaTensor(torch.as_tensor(pred), affine=torch.as_tensor(affine)),
@@ -171,7 +154,7 @@ def test_the_transform_puts_the_report_in_the_meta_and_the_result_and_logs(P, ca
 
 
 def test_bundle_inference_postprocessing_adds_the_flag_to_the_meta(bundle, tmp_path):
-    hu, _, affine = head_volume()
+    hu, _, affine = head_phantom()
     path = tmp_path / "head.nii.gz"
     nib.save(nib.Nifti1Image(np.rint(hu).astype(np.int16), affine), str(path))
     pre, _, post = bundle.inference_pipeline()
@@ -196,7 +179,7 @@ class ThresholdNet(torch.nn.Module):
 
 
 def test_dpseg_evaluate_flags_a_head_in_its_json_and_on_stderr(tmp_path, monkeypatch, capsys):
-    hu, _, affine = head_volume()
+    hu, _, affine = head_phantom()
     (tmp_path / "images").mkdir()
     nib.save(nib.Nifti1Image(np.rint(hu).astype(np.int16), affine), str(tmp_path / "images" / "head.nii.gz"))
     nib.save(nib.Nifti1Image(np.zeros(hu.shape, np.uint8), affine), str(tmp_path / "images" / "head_label.nii.gz"))

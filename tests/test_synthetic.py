@@ -19,6 +19,7 @@ from dpseg.synthetic import (
     SITE_OFFSET_HU,
     SITE_PHASES,
     SITE_SLICE_MM,
+    head_phantom,
     phantom,
     public_phantom,
     public_plan,
@@ -67,6 +68,20 @@ def test_hu_ranges_and_tissues():
     assert abs(np.median(liver_hu) - PHASE_HU["portal"][0]) < 35
     assert set(np.unique(label)) == {0, 1}
     assert 0.01 < label.mean() < 0.2
+
+
+def test_head_phantom_is_a_skull_around_brain():
+    hu, brain, affine = head_phantom(shape=(48, 48, 48), spacing=(5.0, 5.0, 5.0))
+    assert hu.shape == brain.shape == (48, 48, 48) and np.allclose(np.diag(affine), [5, 5, 5, 1])
+    assert np.allclose(affine @ np.r_[(np.array(hu.shape) - 1) / 2, 1], [0, 0, 0, 1])  # centred
+    assert abs(np.median(hu[brain]) - 35) < 3
+    assert abs(np.median(hu[(hu > 500)]) - 1000) < 20 and 0.02 < np.mean(hu > 500) < 0.2  # the skull
+    assert np.median(hu[[0, -1]]) < -900  # air around the head
+    # every line from the brain's centre to the border crosses the skull
+    centre = tuple(n // 2 for n in hu.shape)
+    for axis in range(3):
+        ray = np.moveaxis(hu, axis, 0)[centre[axis]:, centre[(axis + 1) % 3], centre[(axis + 2) % 3]]
+        assert ray.max() > 500, axis
 
 
 def test_liver_cannot_be_found_by_a_threshold():

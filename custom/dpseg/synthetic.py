@@ -343,6 +343,29 @@ def phantom(profile: SiteProfile, rng: np.random.Generator) -> tuple[np.ndarray,
     return _scanned(hu, profile.spacing, profile.noise_hu, profile.offset_hu, rng), liver.astype(np.uint8)
 
 
+def head_phantom(shape: tuple[int, int, int] = (64, 64, 40), spacing: tuple[float, float, float] = (4.0, 4.0, 4.0),
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A head-like CT, the wrong input for a liver model (for its plausibility check): a skull of
+    1000 HU, 7 mm thick, around brain at 35 HU, under 4 mm of scalp at 40 HU, in air (-1000 HU),
+    noise 10 HU; the head is 158 x 198 x 178 mm. Returns (image in HU as float32, brain mask),
+    both RAS-ordered (X, Y, Z) and centred, and the affine (4, 4, voxel indices to mm)."""
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(shape, spacing)]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+
+    def inside(grow_mm: float) -> np.ndarray:
+        return (x / (75 + grow_mm)) ** 2 + (y / (95 + grow_mm)) ** 2 + (z / (85 + grow_mm)) ** 2 < 1
+
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[inside(4)] = 40
+    hu[inside(0)] = 1000
+    brain = inside(-7)
+    hu[brain] = 35
+    hu += np.random.default_rng(seed).normal(0, 10, size=shape).astype(np.float32)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -(np.array(shape) - 1) / 2 * np.array(spacing)
+    return hu, brain, affine
+
+
 def ras_to_storage(volume: np.ndarray, spacing, orientation: str) -> tuple[np.ndarray, np.ndarray]:
     """Reorder a RAS-ordered, centred volume to its storage orientation; returns (array, affine).
 
