@@ -5,6 +5,11 @@ MONAI Label lives in its own virtual environment (its own torch); this module on
 ``monailabel`` launcher and talks HTTP, so it runs in the main environment. MONAI Label loads
 weights with ``strict=False`` (a key mismatch only warns), so the check looks at the prediction:
 its shape and affine against the input volume, and its Dice against the ground truth.
+
+MONAI Label's environment has no dpseg: the bundle's plausibility check runs there from the
+bundle's own ``scripts/`` (MONAI Label puts the bundle root on the path). Its report comes back in
+the infer response's params (``liver_plausibility``); the check reads it for every patient and for
+a head phantom, the wrong input, that it adds to the studies.
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from dpseg.bundle import BUNDLE_NAME, default_bundle_dir
+from dpseg.bundle import BUNDLE_NAME, Bundle, default_bundle_dir
 from dpseg.datalist import resolve
 from dpseg.metrics import dice
+from dpseg.synthetic import head_phantom, write_nifti
+
+HEAD_ID = "head_phantom"
 
 
 class LabelServerError(RuntimeError):
@@ -64,6 +72,32 @@ def prepare_studies(datalist: Path, work: Path, patients: int, split: str = "tes
     if not ids:
         raise LabelServerError(f"no '{split}' patients in {datalist}")
     return ids
+
+
+def add_head_study(work: Path) -> str:
+    """Write the head phantom (no label) into ``work/studies``; returns its image id."""
+    hu, _, affine = head_phantom()
+    write_nifti(np.rint(hu).astype(np.int16), affine, Path(work) / "studies" / f"{HEAD_ID}.nii.gz")
+    return HEAD_ID
+
+
+def split_multipart(body: bytes, content_type: str) -> dict[str, bytes]:
+    """The parts of a ``multipart/form-data`` body by their field name (MONAI Label's ``output=all``
+    answer: ``params`` as JSON, ``image`` as the label file)."""
+    marker = "boundary="
+    if not content_type.startswith("multipart/") or marker not in content_type:
+        raise LabelServerError(f"expected a multipart answer, got Content-Type {content_type!r}")
+    boundary = b"--" + content_type.split(marker, 1)[1].split(";")[0].strip().strip('"').encode()
+    parts = {}
+    for chunk in body.split(boundary)[1:]:
+        if chunk.startswith(b"--"):
+            break
+        head, _, data = chunk.removeprefix(b"\r\n").partition(b"\r\n\r\n")
+        name = next((h.split(b'name="', 1)[1].split(b'"', 1)[0] for h in head.split(b"\r\n")
+                     if h.lower().startswith(b"content-disposition") and b'name="' in h), None)
+        if name is not None:
+            parts[name.decode()] = data.removesuffix(b"\r\n")
+    return parts
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float) -> None:
@@ -111,11 +145,16 @@ class LabelServer:
 
     def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
                 timeout: float = 600) -> bytes:
+        return self.exchange(method, path, body, content_type, timeout)[0]
+
+    def exchange(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
+                 timeout: float = 600) -> tuple[bytes, str]:
+        """The answer's body and its Content-Type."""
         req = urllib.request.Request(self.url + path, data=body, method=method)
         if content_type:
             req.add_header("Content-Type", content_type)
         with urllib.request.urlopen(req, timeout=timeout) as response:
-            return response.read()
+            return response.read(), response.headers.get("Content-Type", "")
 
     def wait_ready(self, timeout: float = 300) -> dict:
         deadline = time.time() + timeout
@@ -128,9 +167,15 @@ class LabelServer:
                 time.sleep(2)
         raise LabelServerError(f"MONAI Label did not answer /info/ within {timeout} s; see {self.log}")
 
-    def infer(self, model: str, image_id: str) -> bytes:
-        return self.request("POST", f"/infer/{model}?image={image_id}&output=image", body=b"params=%7B%7D",
-                            content_type="application/x-www-form-urlencoded")
+    def infer(self, model: str, image_id: str) -> tuple[bytes, dict]:
+        """The label volume (NIfTI bytes) and the result params MONAI Label returns with it."""
+        body, content_type = self.exchange("POST", f"/infer/{model}?image={image_id}&output=all",
+                                           body=b"params=%7B%7D", content_type="application/x-www-form-urlencoded")
+        parts = split_multipart(body, content_type)
+        if "image" not in parts or "params" not in parts:
+            raise LabelServerError(f"/infer/{model}?image={image_id}: the answer holds {sorted(parts)}, "
+                                   "not an image and its params")
+        return parts["image"], json.loads(parts["params"])
 
     def train(self, model: str, params: dict, timeout: float = 1200) -> dict:
         """Start a training task and wait for it; returns MONAI Label's last task status."""
@@ -160,6 +205,8 @@ def check(venv: Path, datalist: Path, work: Path, port: int, patients: int = 3, 
     work.mkdir(parents=True, exist_ok=True)
     app = prepare_app(venv, work)
     ids = prepare_studies(datalist, work, patients)
+    head = add_head_study(work)
+    key = Bundle(app / "model" / BUNDLE_NAME).plausibility_key()
     figures: dict = {"patients": len(ids)}
     start = time.perf_counter()
     with LabelServer(venv, app, work / "studies", port, work / "monailabel.log") as server:
@@ -169,17 +216,25 @@ def check(venv: Path, datalist: Path, work: Path, port: int, patients: int = 3, 
         if "liver" not in labels:
             raise LabelServerError(f"/info/ lists the labels {labels} for {BUNDLE_NAME}, not 'liver'")
         progress(f"MONAI Label up in {figures['start_seconds']:.0f} s; {BUNDLE_NAME} labels {labels}")
-        dices = []
+        dices, flags = [], []
         for image_id in ids:
             t0 = time.perf_counter()
             pred_path = work / f"pred_{image_id}.nii.gz"
-            pred_path.write_bytes(server.infer(BUNDLE_NAME, image_id))
+            label, params = server.infer(BUNDLE_NAME, image_id)
+            pred_path.write_bytes(label)
             dices.append(score_prediction(pred_path, work / "studies" / f"{image_id}.nii.gz",
                                           work / "studies" / "labels" / "final" / f"{image_id}.nii.gz"))
+            flags.append(plausibility_flags(params, key, image_id))
             progress(f"/infer/{BUNDLE_NAME}?image={image_id}: Dice {dices[-1]:.4f} "
-                     f"({time.perf_counter() - t0:.1f} s), shape and affine of the input")
+                     f"({time.perf_counter() - t0:.1f} s), shape and affine of the input; "
+                     f"plausibility flags {flags[-1]}")
         figures["dice"] = dices
         figures["mean_dice"] = float(np.mean(dices))
+        figures["plausibility_flags"] = flags
+        _, params = server.infer(BUNDLE_NAME, head)
+        figures["head_flags"] = plausibility_flags(params, key, head)
+        progress(f"/infer/{BUNDLE_NAME}?image={head} (a head, the wrong input): "
+                 f"plausibility flags {figures['head_flags']}")
         t0 = time.perf_counter()
         status = server.train(BUNDLE_NAME, {"max_epochs": train_epochs, "val_split": 0.0, "multi_gpu": False})
         figures["train_seconds"] = time.perf_counter() - t0
@@ -190,6 +245,15 @@ def check(venv: Path, datalist: Path, work: Path, port: int, patients: int = 3, 
         progress(f"/train/{BUNDLE_NAME}: {train_epochs} epoch(s), {figures['train_status']} "
                  f"in {figures['train_seconds']:.0f} s")
     return figures
+
+
+def plausibility_flags(params: dict, key: str, image_id: str) -> list[str]:
+    """The flags of the plausibility report in an infer response's params."""
+    report = params.get(key)
+    if not isinstance(report, dict) or "flags" not in report:
+        raise LabelServerError(f"/infer of {image_id}: the response's params carry no '{key}' report "
+                               f"(keys {sorted(params)}): did the bundle's postprocessing check run?")
+    return report["flags"]
 
 
 def score_prediction(pred_path: Path, image_path: Path, label_path: Path) -> float:
