@@ -123,12 +123,15 @@ def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, np.bincount(labels.ravel())
 
 
+def _largest_of(labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    if counts.size < 2:
+        return np.zeros(labels.shape, dtype=bool)
+    return labels == int(np.argmax(counts[1:]) + 1)
+
+
 def largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest connected component of ``mask`` (26-connectivity in 3D); empty stays empty."""
-    labels, counts = _components(mask)
-    if counts.size < 2:
-        return np.zeros(mask.shape, dtype=bool)
-    return labels == int(np.argmax(counts[1:]) + 1)
+    return _largest_of(*_components(mask))
 
 
 def largest_component_fraction(mask: np.ndarray) -> float | None:
@@ -223,7 +226,7 @@ def measure(mask: np.ndarray, image: np.ndarray, affine: np.ndarray, limits: Lim
         raise ValueError(f"mask {mask.shape} and image {image.shape} must be 3D volumes of the same shape")
     spacing, axis = voxel_spacing(affine), craniocaudal_axis(affine)
     labels, counts = _components(mask)
-    liver = labels == int(np.argmax(counts[1:]) + 1) if counts.size > 1 else np.zeros(mask.shape, dtype=bool)
+    liver = _largest_of(labels, counts)
     skull, lung = slice_fractions(liver, image, axis, limits)
     return {
         "volume_ml": liver_volume_ml(liver, spacing),
