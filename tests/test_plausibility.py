@@ -15,7 +15,7 @@ from dpseg.bundle import Bundle
 from dpseg.cli import main
 from dpseg.datalist import resolve, write_datalist
 from dpseg.plausibility import case_record, checks, flagged, warning
-from dpseg.synthetic import head_phantom, write_cohort
+from dpseg.synthetic import head_phantom, public_phantom, public_profiles, public_rng, write_cohort
 
 
 @pytest.fixture(scope="module")
@@ -82,13 +82,13 @@ def test_largest_component_fraction_uses_full_connectivity(P):
 
 def test_ranges_give_flags_and_notes(P):
     base = {"volume_ml": 1500.0, "extent_mm": 160.0, "mean_hu": 60.0, "largest_component_fraction": 0.98,
-            "components": 3, "skull_slice_fraction": 0.0, "lung_slice_fraction": 0.05}
+            "components": 3, "skull_slice_fraction": 0.0, "lung_slice_fraction": 0.02, "lung_slice_ml": 30.0}
     assert P.flags(base) == [] and P.notes(base) == []
     cases = {"volume_ml": (4500.0, "4500 mL"), "extent_mm": (320.0, "320 mm"), "mean_hu": (-400.0, "-400 HU"),
              "largest_component_fraction": (0.3, "30 %"), "skull_slice_fraction": (0.4, "skull"),
              "lung_slice_fraction": (0.7, "lung")}
     for key, (value, text) in cases.items():
-        found = P.flags({**base, key: value})
+        found = P.flags({**base, key: value, "lung_slice_ml": 1050.0 if key == "lung_slice_fraction" else 30.0})
         assert len(found) == 1 and text in found[0], (key, found)
     assert P.flags({**base, "mean_hu": 300.0})  # bone
     # unusual but possible: notes, no flag
@@ -96,6 +96,9 @@ def test_ranges_give_flags_and_notes(P):
                              ("volume_ml", 3500.0, "hepatomegaly"), ("extent_mm", 270.0, "270 mm")):
         measures = {**base, key: value}
         assert P.flags(measures) == [] and any(text in n for n in P.notes(measures)), (key, value)
+    # the dome's tip at the bottom of a chest CT: all on lung slices, but a few mL
+    tip = {**base, "volume_ml": 11.0, "lung_slice_fraction": 1.0, "lung_slice_ml": 11.0}
+    assert P.flags(tip) == [] and any("dome" in n for n in P.notes(tip))
 
 
 def test_synthetic_sites_true_livers_are_not_flagged(P, tmp_path):
@@ -107,6 +110,22 @@ def test_synthetic_sites_true_livers_are_not_flagged(P, tmp_path):
             assert report["plausible"] and report["flags"] == [], (item["image"], report)
             assert report["measures"]["skull_slice_fraction"] == 0.0
             assert report["measures"]["lung_slice_fraction"] < 0.3
+
+
+def test_public_cohort_true_labels_are_not_flagged_the_dome_tip_of_a_chest_is_a_note(P):
+    """The public cohort's abdomens, chests (liver at most in the bottom slices), pelvises and heads
+    (no liver) with their true labels (64 x 64 voxels in plane, for speed)."""
+    profiles = public_profiles(in_plane=64)
+    for j, profile in enumerate(profiles):
+        for patient in (2 * j, 2 * j + 1):
+            image, label = public_phantom(profile, public_rng(7, patient))
+            report = P.assess(label, image, np.diag([*profile.spacing, 1.0]))
+            assert report["flags"] == [], (profile.name, patient, report)
+    chest = next(p for p in profiles if p.region == "chest")
+    image, label = public_phantom(chest, public_rng(7, 19))
+    report = P.assess(label, image, np.diag([*chest.spacing, 1.0]))
+    assert 0 < report["measures"]["lung_slice_ml"] < 50, "public patient 19 (seed 7) no longer shows the dome's tip"
+    assert report["flags"] == [] and any("dome" in n for n in report["notes"])
 
 
 def test_half_of_a_head_labelled_liver_is_flagged(P):
@@ -133,7 +152,8 @@ def test_skull_ring_and_lung_slices_are_recognised(P):
     chest, mediastinum, affine = chest_volume()
     assert P.is_lung_slice(chest[:, :, 0]) and not P.is_lung_slice(np.where(chest < -500, 40, chest)[:, :, 0])
     report = P.assess(mediastinum, chest, affine)
-    assert report["measures"]["lung_slice_fraction"] == 1.0 and any("lung" in f for f in report["flags"])
+    assert report["measures"]["lung_slice_fraction"] == 1.0 and report["measures"]["lung_slice_ml"] > 300
+    assert any("lung" in f for f in report["flags"])
 
 
 def test_the_transform_puts_the_report_in_the_meta_and_the_result_and_logs(P, caplog):

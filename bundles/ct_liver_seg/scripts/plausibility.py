@@ -47,8 +47,10 @@ Ranges (``LIMITS``) and their rationale:
     slices.
   - *lung slice*: air (< -500 HU: lung is -700 to -900 HU) fills at least 40 % of the body's
     cross-section (above the diaphragm the lungs fill about half of the thorax or more). The liver's
-    dome lies against the lung bases, so the top slices of a normal liver can be lung slices; only
-    when more than half of the liver lies on lung slices is it a flag (a liver in the chest).
+    dome lies against the lung bases, so the top slices of a normal liver can be lung slices (in the
+    synthetic phantoms up to about 35 mL of liver). It is a flag when more than half of the liver,
+    and more than 100 mL of it, lies on lung slices (a liver in the chest); a chest CT that catches
+    only the dome's tip (a few mL, all on lung slices) gets a note.
 
   The body's cross-section is the largest connected region above -500 HU with its holes filled
   (lungs and bowel gas inside it count as body). A 3 x 3 closing of the bone mask bridges one-voxel
@@ -86,6 +88,7 @@ class Limits:
     largest_component_min: float = 0.5
     skull_slices_max: float = 0.1
     lung_slices_max: float = 0.5
+    lung_slices_min_ml: float = 100.0
     skull_enclosed_min: float = 0.5
     lung_air_min: float = 0.4
 
@@ -196,29 +199,26 @@ def is_lung_slice(slice_hu: np.ndarray, limits: Limits = LIMITS, body: np.ndarra
     return air_fraction(slice_hu, body) >= limits.lung_air_min
 
 
-def slice_fractions(mask: np.ndarray, image: np.ndarray, axis: int,
-                    limits: Limits = LIMITS) -> tuple[float | None, float | None]:
-    """Shares of the mask's voxels on skull-like and on lung slices along ``axis`` (only slices
-    that hold the mask are looked at); (None, None) for an empty mask."""
+def slice_counts(mask: np.ndarray, image: np.ndarray, axis: int, limits: Limits = LIMITS) -> tuple[int, int, int]:
+    """Voxels of the mask in all, on skull-like slices and on lung slices along ``axis`` (only
+    slices that hold the mask are looked at)."""
     m, img = np.moveaxis(np.asarray(mask, dtype=bool), axis, -1), np.moveaxis(image, axis, -1)
     per_slice = m.sum(axis=(0, 1))
-    total = int(per_slice.sum())
-    if not total:
-        return None, None
     skull = lung = 0
     for k in np.flatnonzero(per_slice):
         body = body_mask(img[..., k])
         skull += int(per_slice[k]) if is_skull_slice(img[..., k], limits, body) else 0
         lung += int(per_slice[k]) if is_lung_slice(img[..., k], limits, body) else 0
-    return skull / total, lung / total
+    return int(per_slice.sum()), skull, lung
 
 
 def measure(mask: np.ndarray, image: np.ndarray, affine: np.ndarray, limits: Limits = LIMITS) -> dict:
     """The measures of a predicted liver (see the module docstring); plain JSON types.
 
-    ``volume_ml``, ``extent_mm``, ``mean_hu``, ``skull_slice_fraction`` and ``lung_slice_fraction``
-    are of the largest component (the liver the bundle keeps); ``largest_component_fraction`` and
-    ``components`` of the whole mask.
+    ``volume_ml``, ``extent_mm``, ``mean_hu``, ``skull_slice_fraction``, ``lung_slice_fraction`` and
+    ``lung_slice_ml`` are of the largest component (the liver the bundle keeps);
+    ``largest_component_fraction`` and ``components`` of the whole mask. Shares are None for an
+    empty mask.
     """
     mask = np.asarray(mask).astype(bool)
     image = np.asarray(image, dtype=np.float32)
@@ -227,15 +227,16 @@ def measure(mask: np.ndarray, image: np.ndarray, affine: np.ndarray, limits: Lim
     spacing, axis = voxel_spacing(affine), craniocaudal_axis(affine)
     labels, counts = _components(mask)
     liver = _largest_of(labels, counts)
-    skull, lung = slice_fractions(liver, image, axis, limits)
+    total, skull, lung = slice_counts(liver, image, axis, limits)
     return {
         "volume_ml": liver_volume_ml(liver, spacing),
         "extent_mm": craniocaudal_extent_mm(liver, spacing, axis),
         "mean_hu": mean_hu(liver, image),
         "largest_component_fraction": float(counts[1:].max() / counts[1:].sum()) if counts.size > 1 else None,
         "components": int(counts.size - 1),
-        "skull_slice_fraction": skull,
-        "lung_slice_fraction": lung,
+        "skull_slice_fraction": skull / total if total else None,
+        "lung_slice_fraction": lung / total if total else None,
+        "lung_slice_ml": float(lung * np.prod(spacing) / 1000.0),
         "spacing_mm": list(spacing),
         "craniocaudal_axis": axis,
     }
@@ -260,11 +261,14 @@ def flags(measures: dict, limits: Limits = LIMITS) -> list[str]:
     if skull is not None and skull > limits.skull_slices_max:
         out.append(f"{100 * skull:.0f} % of the predicted liver lies on slices with a skull-like ring of bone "
                    "(a head, not an abdomen)")
-    lung = m["lung_slice_fraction"]
-    if lung is not None and lung > limits.lung_slices_max:
-        out.append(f"{100 * lung:.0f} % of the predicted liver lies on slices that are mostly lung or air "
-                   "(a chest, not an abdomen)")
+    if _mostly_on_lung_slices(m, limits) and m["lung_slice_ml"] > limits.lung_slices_min_ml:
+        out.append(f"{100 * m['lung_slice_fraction']:.0f} % of the predicted liver ({m['lung_slice_ml']:.0f} mL) "
+                   "lies on slices that are mostly lung or air (a chest, not an abdomen)")
     return out
+
+
+def _mostly_on_lung_slices(m: dict, limits: Limits) -> bool:
+    return m["lung_slice_fraction"] is not None and m["lung_slice_fraction"] > limits.lung_slices_max
 
 
 def notes(measures: dict, limits: Limits = LIMITS) -> list[str]:
@@ -279,6 +283,9 @@ def notes(measures: dict, limits: Limits = LIMITS) -> list[str]:
         out.append(f"liver volume {m['volume_ml']:.0f} mL above {limits.volume_note_above_ml:.0f} mL (hepatomegaly?)")
     if limits.extent_note_above_mm < m["extent_mm"] <= limits.extent_flag_above_mm:
         out.append(f"craniocaudal extent {m['extent_mm']:.0f} mm above {limits.extent_note_above_mm:.0f} mm")
+    if _mostly_on_lung_slices(m, limits) and m["lung_slice_ml"] <= limits.lung_slices_min_ml:
+        out.append(f"the predicted liver lies mostly on lung slices, {m['lung_slice_ml']:.0f} mL of it (the dome's "
+                   "tip at the bottom of a chest CT, or a small prediction in the chest)")
     return out
 
 
