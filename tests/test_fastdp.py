@@ -4,6 +4,7 @@ from opacus import GradSampleModule
 from opacus.grad_sample.functorch import ft_compute_per_sample_gradient, prepare_layer
 from opacus.optimizers import DPOptimizer
 
+from dpseg.dptrain import SecureDPOptimizer
 from dpseg.fastdp import PerSampleGrads, conv_transpose2d_grad_sample
 
 
@@ -76,3 +77,104 @@ def test_conv_transpose_per_sample_gradient_matches_functorch(stride, padding, o
 def test_unsupported_layer_is_refused():
     with pytest.raises(ValueError, match="no per-sample gradient for layer 1"):
         PerSampleGrads(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3), torch.nn.PReLU()))
+
+
+class _Tiny(torch.nn.Module):
+    """Every layer kind PerSampleGrads knows: Conv2d, InstanceNorm2d, ConvTranspose2d, GroupNorm, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 3, stride=2, padding=1)
+        self.norm = torch.nn.InstanceNorm2d(3, affine=True)
+        self.up = torch.nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1)
+        self.group = torch.nn.GroupNorm(1, 2)
+        self.linear = torch.nn.Linear(8, 8)  # along the last (W) axis
+
+    def forward(self, x):
+        h = self.norm(torch.nn.functional.leaky_relu(self.conv(x), 0.1))  # conv bias gradients non-zero
+        return self.linear(self.group(self.up(h)))
+
+
+def _tiny(seed=0):
+    torch.manual_seed(seed)
+    net = _Tiny()
+    for p in net.parameters():  # away from the identity init of the norms, so every gradient is non-trivial
+        p.data.add_(0.1 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(seed + 1)
+    return net, g
+
+
+def _patient_reference(net, loss_fn, x, y, k):
+    """Per patient, the mean of its K slices' gradients, each by plain autograd on that slice alone:
+    a list over patients of [gradient per parameter]."""
+    grads = []
+    for b in range(len(x) // k):
+        total = [torch.zeros_like(p) for p in net.parameters()]
+        for i in range(b * k, (b + 1) * k):
+            net.zero_grad()
+            loss_fn(net(x[i:i + 1]), y[i:i + 1]).backward()
+            total = [t + p.grad / k for t, p in zip(total, net.parameters())]
+        grads.append(total)
+    net.zero_grad(set_to_none=True)
+    return grads
+
+
+class _CountingNoise:
+    """A noise source for SecureDPOptimizer that draws seeded Gaussians and keeps each draw."""
+
+    def __init__(self):
+        self.draws, self.generator = [], torch.Generator().manual_seed(5)
+
+    def gaussian(self, n, std):
+        self.draws.append(std * torch.randn(n, generator=self.generator))
+        return self.draws[-1].clone()
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_a_patients_clipped_gradient_is_the_clipped_mean_of_its_slices_gradients(bundle, k):
+    net, g = _tiny()
+    patients, loss_fn = 3, bundle.loss()
+    x = torch.rand(patients * k, 1, 8, 8, generator=g)
+    y = (torch.rand(patients * k, 1, 8, 8, generator=g) > 0.5).float()
+    reference = _patient_reference(net, loss_fn, x, y, k)
+    hooks = PerSampleGrads(net, slices_per_patient=k)
+    loss = hooks.backward(x, y, loss_fn)
+    assert torch.isclose(loss, torch.stack([loss_fn(net(x[i:i + 1]), y[i:i + 1]) for i in range(len(x))]).mean())
+    for j, p in enumerate(net.parameters()):
+        assert p.grad_sample.shape == (patients, *p.shape)  # one row per patient, not per slice
+        for b in range(patients):
+            assert torch.allclose(p.grad_sample[b], reference[b][j], rtol=1e-4, atol=1e-6), (j, b)
+    # Opacus' clipping and our noise: (sum over patients of clip(patient gradient) + noise) / batch_size
+    norms = [float(torch.cat([t.flatten() for t in r]).norm()) for r in reference]
+    noise, batch_size, clip = _CountingNoise(), 4, (min(norms) + max(norms)) / 2  # some patients clipped, some not
+    opt = SecureDPOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), noise_source=noise, noise_multiplier=1.3,
+                            max_grad_norm=clip, expected_batch_size=batch_size, loss_reduction="mean")
+    assert opt.pre_step()
+    assert len(noise.draws) == 1 and noise.draws[0].numel() == sum(p.numel() for p in net.parameters())
+    offset = 0
+    for j, p in enumerate(net.parameters()):
+        clipped = sum(r[j] * min(1.0, clip / (n + 1e-6)) for r, n in zip(reference, norms))
+        chunk = noise.draws[0][offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+        assert torch.allclose(p.grad, (clipped + chunk) / batch_size, rtol=1e-4, atol=1e-6), j
+
+
+def test_slices_per_patient_must_divide_the_batch_and_be_a_positive_integer():
+    net, _ = _tiny()
+    with pytest.raises(ValueError, match="slices_per_patient"):
+        PerSampleGrads(net, slices_per_patient=0)
+    hooks = PerSampleGrads(net, slices_per_patient=2)
+    with pytest.raises(ValueError, match="not 2 slices per patient"):
+        hooks.backward(torch.rand(3, 1, 8, 8), torch.zeros(3, 1, 8, 8), lambda out, y: out.mean())
+
+
+def test_frozen_parameters_get_no_per_sample_gradient():
+    net, g = _tiny()
+    for p in (*net.conv.parameters(), net.linear.bias):
+        p.requires_grad_(False)
+    hooks = PerSampleGrads(net, slices_per_patient=2)
+    hooks.backward(torch.rand(4, 1, 8, 8, generator=g), torch.rand(4, 2, 8, 8, generator=g),
+                   lambda out, y: ((out - y) ** 2).mean())
+    assert getattr(net.conv.weight, "grad_sample", None) is None and getattr(net.linear.bias, "grad_sample", None) is None
+    assert not net.conv.weight.requires_grad and net.linear.weight.requires_grad
+    assert net.linear.weight.grad_sample.shape == (2, 8, 8) and net.up.weight.grad_sample.shape == (2, 3, 2, 3, 3)
