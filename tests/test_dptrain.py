@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from dpseg.datalist import resolve
-from dpseg.dptrain import LocalTrainer, PatientSlices, StepStats, poisson_sample, secure_slices, seeded_slices
-from dpseg.privacy import Accountant, calibrate
+from dpseg.dptrain import (LocalTrainer, PatientSlices, StepStats, poisson_sample, secure_slices, seeded_slices,
+                           set_trained_layers, unet_paths)
+from dpseg.privacy import Accountant, PrivacySettings, calibrate
 from dpseg.securerandom import SecureRandom
 
 
@@ -135,3 +136,98 @@ def test_a_patient_with_two_scans_is_one_unit_of_sampling(bundle, cohort):
     assert scans == {0, 1}  # either scan may give the patient's slice, one slice per step
     images, labels = data.batch([0, 1])
     assert images.shape == (2, 1, 128, 128) and labels.shape == (2, 1, 128, 128)
+
+
+def _count_noise(trainer: LocalTrainer) -> list[int]:
+    """Wrap the DP trainer's noise source: the returned list gets the size of every Gaussian draw."""
+    sizes, draw = [], trainer.random.gaussian
+
+    def gaussian(n, std):
+        sizes.append(n)
+        return draw(n, std)
+    trainer.random.gaussian = gaussian
+    return sizes
+
+
+def test_k_slices_per_patient_are_drawn_on_their_own_and_noise_is_drawn_once_per_step(bundle, cohort):
+    data = seeded_slices(resolve(cohort / "site-1" / "datalist.json", "training"), bundle.train_transforms(), 0)
+    images, labels = data.batch([0, 2], 3)
+    assert images.shape == (6, 1, 128, 128) and labels.shape == (6, 1, 128, 128)
+    assert not torch.equal(images[0], images[1]) or not torch.equal(images[1], images[2])  # independent draws
+    net = bundle.network()
+    acc = Accountant(PrivacySettings(8.0, 1e-5, 1.0, 2, 0.5, 2, "rdp", 1.0))  # a fixed noise: no calibration
+    trainer = LocalTrainer(net, bundle.loss(), data, 1e-3, 2, acc, slices_per_patient=3, record=True)
+    sizes = _count_noise(trainer)
+    stats = trainer.run(2)
+    trainer.close()
+    assert sizes == [sum(p.numel() for p in net.parameters())] * 2 and acc.steps == 2  # one draw per step
+    for batch in trainer.batches:
+        assert batch.get("images", torch.empty(0)).shape[0] == 3 * len(batch["patients"])
+    assert stats.samples == sum(len(b["patients"]) for b in trainer.batches)  # patients, not slices
+    with pytest.raises(ValueError, match="slices_per_patient=2 needs grad_sample_mode 'fast'"):
+        LocalTrainer(bundle.network(), bundle.loss(), data, 1e-3, 2, acc, grad_sample_mode="hooks",
+                     slices_per_patient=2)
+    with pytest.raises(ValueError, match="slices_per_patient must be an integer >= 1"):
+        LocalTrainer(bundle.network(), bundle.loss(), data, 1e-3, 2, None, slices_per_patient=0)
+
+
+def test_without_dp_k_slices_per_patient_step_on_the_mean_loss_of_all_slices(bundle, cohort):
+    data = seeded_slices(resolve(cohort / "site-1" / "datalist.json", "training"), bundle.train_transforms(), 0)
+    net = bundle.network()
+    start = {k: v.detach().clone() for k, v in net.named_parameters()}
+    trainer = LocalTrainer(net, bundle.loss(), data, 0.01, 2, None, seed=3, optimizer="sgd", sampling="fixed",
+                           record=True, slices_per_patient=3)
+    trainer.run(1)
+    batch = trainer.batches[0]
+    assert len(batch["patients"]) == 2 and batch["images"].shape == (6, 1, 128, 128)
+    replay = bundle.network()
+    replay.load_state_dict({**replay.state_dict(), **start})
+    bundle.loss()(replay(batch["images"]), batch["labels"]).backward()
+    for name, p in replay.named_parameters():
+        assert torch.allclose(net.state_dict()[name] - start[name], -0.01 * p.grad, atol=1e-7), name
+
+
+def test_the_trained_layers_of_the_bundle_network(bundle):
+    down, bottom, up = unet_paths(bundle.network())
+    assert down == ["model.0", "model.1.submodule.0", "model.1.submodule.1.submodule.0"]
+    assert bottom == "model.1.submodule.1.submodule.1.submodule"
+    assert up == ["model.2", "model.1.submodule.2", "model.1.submodule.1.submodule.2"]
+    counts = {}
+    for layers in ("all", "decoder", "norm"):
+        net = bundle.network()
+        counts[layers] = set_trained_layers(net, layers)
+        trained = {k for k, p in net.named_parameters() if p.requires_grad}
+        assert counts[layers] == sum(p.numel() for k, p in net.named_parameters() if k in trained)
+        if layers != "all":
+            assert not any(k.startswith(("model.0.conv.unit0.conv.", "model.0.residual.", bottom + ".residual."))
+                           for k in trained)  # encoder convolutions frozen
+            assert {k for k in trained if ".adn.N." in k} == {k for k, _ in net.named_parameters() if ".adn.N." in k}
+            assert "model.2.1.conv.unit0.conv.weight" in trained  # the output layer
+        if layers == "decoder":
+            assert "model.1.submodule.1.submodule.2.0.conv.weight" in trained
+        if layers == "norm":
+            assert "model.1.submodule.1.submodule.2.0.conv.weight" not in trained
+    assert counts == {"all": 206188, "decoder": 77420, "norm": 1292}  # the counts set_trained_layers documents
+    with pytest.raises(ValueError, match="train_layers must be one of"):
+        set_trained_layers(bundle.network(), "encoder")
+    with pytest.raises(ValueError, match="train_layers other than 'all' needs the bundle's MONAI UNet"):
+        set_trained_layers(torch.nn.Linear(2, 2), "decoder")
+
+
+def test_frozen_layers_are_untouched_by_dp_steps_and_the_noise_has_the_trained_size(bundle, cohort):
+    net = bundle.network()
+    before = {k: v.detach().clone() for k, v in net.named_parameters()}
+    acc = Accountant(PrivacySettings(8.0, 1e-5, 1.0, 1, 0.25, 2, "rdp", 1.0))
+    trainer = LocalTrainer(net, bundle.loss(), _data(bundle, cohort), 1e-2, 1, acc, slices_per_patient=2,
+                           train_layers="decoder")
+    sizes = _count_noise(trainer)
+    trainer.run(2)
+    trainer.close()
+    trained = {k for k, p in net.named_parameters() if p.requires_grad}
+    assert sizes == [trainer.trained_parameters] * 2 and trainer.trained_parameters == 77420
+    assert trainer.trained_parameters == sum(p.numel() for k, p in net.named_parameters() if k in trained)
+    for name, p in net.named_parameters():
+        if name in trained:
+            assert not torch.equal(p, before[name]), name  # noised and updated
+        else:
+            assert torch.equal(p, before[name]), name  # bit-identical

@@ -1,11 +1,16 @@
 """Local training of one site, with or without DP-SGD (plain PyTorch and Opacus, no NVFlare).
 
 Each step draws a Poisson sample of the site's training PATIENTS (each patient independently with
-probability ``sample_rate``, a public setting), takes one random axial slice of each (from one of
-the patient's scans, by the bundle's training transforms), computes per-sample gradients, clips
-each to ``max_grad_norm``, adds Gaussian noise of std ``noise_multiplier * max_grad_norm`` to their
-sum and divides by the public ``batch_size`` (Opacus' DPOptimizer). Empty samples still take a step
-(noise only), as the analysis assumes.
+probability ``sample_rate``, a public setting), takes ``slices_per_patient`` K random axial slices
+of each (each from one of the patient's scans, by the bundle's training transforms), computes
+per-patient gradients (of the mean of the patient's K slice losses), clips each to
+``max_grad_norm``, adds Gaussian noise of std ``noise_multiplier * max_grad_norm`` to their sum and
+divides by the public ``batch_size`` (Opacus' DPOptimizer). A patient's K slices are clipped
+together, once, so K changes neither the sensitivity nor the accounting, only the variance of a
+patient's gradient. Empty samples still take a step (noise only), as the analysis assumes.
+
+``train_layers`` (``set_trained_layers``) freezes part of the network: frozen parameters get
+neither per-sample gradients nor noise, so the noise has the dimension of the trained ones.
 
 With DP, the Poisson sample, the noise and the slice draws come from ``dpseg.securerandom`` (a
 fresh OS key per trainer; nothing can seed them). Without DP, everything follows ``seed``, so the
@@ -19,6 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.data import CacheDataset
+from monai.networks.layers import SkipConnection
+from monai.networks.nets import UNet
+from torch import nn
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
@@ -34,6 +42,53 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 # "poisson": each patient independently with the sample rate (what the DP analysis assumes);
 # "fixed": exactly batch_size distinct patients per step (non-DP audits only: one known slice per update)
 SAMPLINGS = ("poisson", "fixed")
+TRAIN_LAYERS = ("all", "decoder", "norm")
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def unet_paths(network: nn.Module) -> tuple[list[str], str, list[str]]:
+    """Module paths of a MONAI UNet: (down path, top level first; bottom level; up path, top level
+    first, whose first entry is the output layer). For the bundle's network: down ``model.0``,
+    ``model.1.submodule.0``, ``model.1.submodule.1.submodule.0``; bottom
+    ``model.1.submodule.1.submodule.1.submodule``; up ``model.2``, ``model.1.submodule.2``,
+    ``model.1.submodule.1.submodule.2``."""
+    if not isinstance(network, UNet):
+        raise ValueError(f"train_layers other than 'all' needs the bundle's MONAI UNet, got {type(network).__name__}")
+    down, up, prefix, level = [], [], "model", network.model
+    while isinstance(level, nn.Sequential) and len(level) == 3 and isinstance(level[1], SkipConnection):
+        down.append(f"{prefix}.0")
+        up.append(f"{prefix}.2")
+        prefix, level = f"{prefix}.1.submodule", level[1].submodule
+    if not up:
+        raise ValueError("train_layers: the network is not a MONAI UNet of down / skip / up levels")
+    return down, prefix, up
+
+
+def set_trained_layers(network: nn.Module, train_layers: str) -> int:
+    """Train only part of ``network``: every other parameter gets ``requires_grad`` False (no
+    per-sample gradient, no noise, no update). Returns the number of trained parameters.
+
+    For the bundle's UNet (channels 16, 32, 64, 128; 206,188 parameters; paths in ``unet_paths``):
+
+    - "all": every parameter (206,188);
+    - "decoder": the up path (``model.1.submodule.1.submodule.2``, ``model.1.submodule.2`` and
+      the output layer ``model.2``) and the affine weight and bias of every norm layer, the
+      encoder's included (77,420); the down path and the bottom level stay as loaded;
+    - "norm": the affine weight and bias of every norm layer and the output layer ``model.2``
+      (its transposed convolution, norm and final convolution) (1,292).
+    """
+    if train_layers not in TRAIN_LAYERS:
+        raise ValueError(f"train_layers must be one of {TRAIN_LAYERS}, got {train_layers!r}")
+    if train_layers == "all":
+        trained = set(network.parameters())
+    else:
+        _, _, up = unet_paths(network)
+        kept = up if train_layers == "decoder" else up[:1]
+        trained = {p for name, p in network.named_parameters() if any(name.startswith(f"{k}.") for k in kept)}
+        trained |= {p for m in network.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
+    for p in network.parameters():
+        p.requires_grad_(p in trained)
+    return sum(p.numel() for p in network.parameters() if p.requires_grad)
 
 
 class SecureDPOptimizer(DPOptimizer):
@@ -55,18 +110,23 @@ class SecureDPOptimizer(DPOptimizer):
 
 
 def make_private(network: torch.nn.Module, optimizer: torch.optim.Optimizer, mode: str, noise_multiplier: float,
-                 max_grad_norm: float, expected_batch_size: int, noise_source: SecureRandom):
+                 max_grad_norm: float, expected_batch_size: int, noise_source: SecureRandom,
+                 slices_per_patient: int = 1):
     """Wrap a network and its optimiser for DP-SGD: (model to call, PerSampleGrads or None, SecureDPOptimizer).
 
     ``mode`` is one of GRAD_SAMPLE_MODES; with "fast" the network itself is called and
-    ``PerSampleGrads.backward`` fills the per-sample gradients. The summed, noised gradient is
+    ``PerSampleGrads.backward`` fills the per-sample (per-patient, with ``slices_per_patient`` > 1)
+    gradients; Opacus' modes take one slice per patient only. The summed, noised gradient is
     divided by ``expected_batch_size`` (a public constant, never the realised batch size).
     """
     if mode not in GRAD_SAMPLE_MODES:
         raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {mode!r}")
+    if slices_per_patient != 1 and mode != "fast":
+        raise ValueError(f"slices_per_patient={slices_per_patient} needs grad_sample_mode 'fast' (Opacus' "
+                         f"{mode!r} mode clips every slice on its own), got {mode!r}")
     per_sample, model = None, network
     if mode == "fast":
-        per_sample = PerSampleGrads(network, loss_reduction="mean")
+        per_sample = PerSampleGrads(network, loss_reduction="mean", slices_per_patient=slices_per_patient)
     else:
         model = GradSampleModule(network, batch_first=True, loss_reduction="mean", force_functorch=mode == "functorch")
     dp_optimizer = SecureDPOptimizer(optimizer, noise_source=noise_source, noise_multiplier=noise_multiplier,
@@ -76,8 +136,8 @@ def make_private(network: torch.nn.Module, optimizer: torch.optim.Optimizer, mod
 
 
 class PatientSlices:
-    """A site's training patients as a dataset: ``batch(indices)`` gives one random slice of each
-    given patient, from one of the patient's scans chosen at random.
+    """A site's training patients as a dataset: ``batch(indices, k)`` gives ``k`` random slices of
+    each given patient, each from one of the patient's scans chosen at random.
 
     Items of the datalist are scans; the items of this dataset are patients (``patient_id``), so a
     patient with several scans is one unit of sampling and of sensitivity. The deterministic part
@@ -99,9 +159,11 @@ class PatientSlices:
     def __len__(self) -> int:
         return len(self.patients)
 
-    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (B, 1, H, W) in [0, 1] and labels (B, 1, H, W) for the given patients."""
-        samples = [self.data[self._scan(i)] for i in indices]
+    def batch(self, indices: list[int], slices_per_patient: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B*K, 1, H, W) in [0, 1] and labels (B*K, 1, H, W) for the B given patients, K =
+        ``slices_per_patient`` consecutive rows per patient, each slice drawn on its own (scan,
+        crop, intensity shift)."""
+        samples = [self.data[self._scan(i)] for i in indices for _ in range(slices_per_patient)]
         samples = [s[0] if isinstance(s, list) else s for s in samples]
         return torch.stack([torch.as_tensor(s["image"]) for s in samples]), \
             torch.stack([torch.as_tensor(s["label"]) for s in samples])
@@ -156,13 +218,17 @@ class LocalTrainer:
     ``seed``. The network keeps plain state-dict keys throughout.
     ``optimizer``: "adam" (default) or "sgd"; ``sampling``: "poisson" (default; the only one
     allowed with DP) or "fixed". With ``record`` the images and labels of every step's batch are
-    kept in ``self.batches`` (for a site's own audit; they never leave the site).
+    kept in ``self.batches`` (for a site's own audit; they never leave the site), K rows per patient.
+    ``slices_per_patient`` K: slices per sampled patient; the step's loss is the mean over patients
+    of each patient's mean slice loss, and with DP each patient's gradient is clipped once.
+    ``train_layers``: which parameters train (``set_trained_layers``); ``self.trained_parameters``
+    is their number.
     """
 
     def __init__(self, network: torch.nn.Module, loss_fn, data: PatientSlices, lr: float, batch_size: int,
                  accountant: Accountant | None = None, seed: int = 0, grad_sample_mode: str = "fast",
                  optimizer: str = "adam", sampling: str = "poisson", record: bool = False,
-                 sample_rate: float | None = None):
+                 sample_rate: float | None = None, slices_per_patient: int = 1, train_layers: str = "all"):
         if grad_sample_mode not in GRAD_SAMPLE_MODES:  # also without DP: a typo must not pass silently
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
         if optimizer not in OPTIMIZERS:
@@ -172,11 +238,15 @@ class LocalTrainer:
         if accountant is not None and sampling != "poisson":
             raise ValueError("DP training needs Poisson sampling (the accountant assumes it); "
                              f"sampling={sampling!r} is only allowed without DP")
+        if isinstance(slices_per_patient, bool) or not isinstance(slices_per_patient, int) or slices_per_patient < 1:
+            raise ValueError(f"slices_per_patient must be an integer >= 1, got {slices_per_patient!r}")
         self.network, self.loss_fn, self.data = network, loss_fn, data
         self.accountant, self.batch_size, self.sampling = accountant, batch_size, sampling
+        self.slices_per_patient = slices_per_patient
         self.per_sample: PerSampleGrads | None = None
         self.record, self.batches = record, []
-        base = OPTIMIZERS[optimizer](network.parameters(), lr=lr)
+        self.trained_parameters = set_trained_layers(network, train_layers)
+        base = OPTIMIZERS[optimizer]([p for p in network.parameters() if p.requires_grad], lr=lr)
         if accountant is None:
             self.sample_rate = sample_rate if sample_rate is not None else batch_size / len(data)
             generator = torch.Generator().manual_seed(seed)
@@ -189,7 +259,8 @@ class LocalTrainer:
             self.random = SecureRandom()
             self._poisson = self.random.bernoulli
             self.model, self.per_sample, self.optimizer = make_private(
-                network, base, grad_sample_mode, s.noise_multiplier, s.max_grad_norm, s.batch_size, self.random)
+                network, base, grad_sample_mode, s.noise_multiplier, s.max_grad_norm, s.batch_size, self.random,
+                slices_per_patient)
 
     def step(self, stats: StepStats) -> None:
         """One optimizer step on a fresh Poisson sample of patients."""
@@ -202,7 +273,7 @@ class LocalTrainer:
         if self.record:
             self.batches.append({"patients": indices})
         if indices:
-            x, y = self.data.batch(indices)
+            x, y = self.data.batch(indices, self.slices_per_patient)
             if self.record:
                 self.batches[-1].update(images=x.as_subclass(torch.Tensor).clone(),
                                         labels=y.as_subclass(torch.Tensor).clone())
@@ -214,7 +285,7 @@ class LocalTrainer:
             stats.loss_sum += float(loss) * len(indices)
             stats.loss_count += len(indices)
         elif self.accountant is not None:
-            for p in self.network.parameters():  # no patient: clipped sum is zero, noise still added
+            for p in self.optimizer.params:  # no patient: clipped sum is zero, noise still added
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
         else:
             stats.empty_steps += 1

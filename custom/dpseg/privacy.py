@@ -1,9 +1,9 @@
 """Differential privacy bookkeeping of a site: noise calibration and the accountant (the site's
 budget across jobs is its ledger, ``dpseg.ledger``).
 
-The unit of privacy is one patient of one site: every training sample is one slice of one patient,
-and batches are drawn by Poisson sampling over the site's training patients with rate
-``sample_rate``. The guarantee covers everything the site sends during a job (all rounds), by the
+The unit of privacy is one patient of one site: every training sample is one patient (the job's
+``slices_per_patient`` slices of it, whose gradients are averaged and clipped once), and batches
+are drawn by Poisson sampling over the site's training patients with rate ``sample_rate``. The guarantee covers everything the site sends during a job (all rounds), by the
 accountant named (Opacus' ``prv`` or ``rdp``).
 
 Adjacency: add/remove one patient (ADJACENCY), the relation Opacus' accountants bound. Under it
