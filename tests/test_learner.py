@@ -155,6 +155,12 @@ def test_every_simulator_run_gets_its_own_ledger_entry():
     ({"dp": "false"}, TypeError, "dp"),
     ({"accountant": "$@network_def"}, ValueError, "accountant"),
     ({"optimizer": "torch.optim.LBFGS"}, ValueError, "optimizer"),
+    ({"slices_per_patient": "4"}, ValueError, "slices_per_patient"),
+    ({"slices_per_patient": 0}, ValueError, "slices_per_patient"),
+    ({"slices_per_patient": 2.0}, ValueError, "slices_per_patient"),
+    ({"slices_per_patient": True}, ValueError, "slices_per_patient"),
+    ({"train_layers": "encoder"}, ValueError, "train_layers"),
+    ({"train_layers": "$@network_def"}, ValueError, "train_layers"),
 ])
 def test_job_arguments_are_plain_values_never_code(args, error, name):
     with pytest.raises(error, match=name):
@@ -172,3 +178,23 @@ def test_a_dp_job_must_state_its_sample_rate_and_steps_instead_of_deriving_them_
     with pytest.raises(ValueError, match="add/remove-one accountant treats as private"):
         SiteLearner(dp=True, **args)
     SiteLearner(dp=False, **args)  # the non-private baseline may derive them
+
+
+def test_slices_per_patient_and_train_layers_are_public_training_settings_the_site_sends():
+    learner = SiteLearner(dp=True, sample_rate=0.5, local_steps=2, slices_per_patient=4, train_layers="decoder")
+    learner.local_steps = 2
+    meta = learner._training_meta()
+    assert meta["slices_per_patient"] == 4 and meta["train_layers"] == "decoder"
+    assert (SiteLearner(dp=False).slices_per_patient, SiteLearner(dp=False).train_layers) == (1, "all")
+    for args in ({"slices_per_patient": 2}, {"train_layers": "norm"}):  # the audit assumes neither
+        with pytest.raises(ValueError, match="record_batches .* needs slices_per_patient 1 and train_layers 'all'"):
+            SiteLearner(dp=True, sample_rate=0.5, local_steps=2, record_batches=True, **args)
+
+
+@pytest.mark.parametrize("job", ["fed", "fed_dp"])
+def test_the_shipped_jobs_train_every_layer_on_one_slice_per_patient(job):
+    config = json.loads((REPO / "jobs" / job / "app" / "config" / "config_fed_client.json").read_text())
+    executor = next(e["executor"] for e in config["executors"] if e["executor"]["path"] == "dpseg.learner.SiteLearner")
+    args = {k: config[v[1:-1]] if isinstance(v, str) and v.startswith("{") else v for k, v in executor["args"].items()}
+    learner = SiteLearner(**args)  # as NVFlare builds it from the job's variables
+    assert (learner.slices_per_patient, learner.train_layers) == (1, "all")

@@ -44,7 +44,7 @@ from nvflare.app_common.app_constant import AppConstants
 from dpseg.bundle import Bundle
 from dpseg.checks import check_datalist
 from dpseg.datalist import resolve
-from dpseg.dptrain import OPTIMIZERS, SAMPLINGS, LocalTrainer, secure_slices, seeded_slices
+from dpseg.dptrain import OPTIMIZERS, SAMPLINGS, TRAIN_LAYERS, LocalTrainer, secure_slices, seeded_slices
 from dpseg.evaluate import evaluate
 from dpseg.files import write_whole
 from dpseg.jobs import check_simulator_worker
@@ -74,13 +74,16 @@ def torch_threads(job_id: str) -> int | None:
     return 1 if job_id == SIMULATOR_JOB_ID else None
 
 
-CHOICES = {"accountant": ("prv", "rdp"), "optimizer": tuple(OPTIMIZERS), "sampling": SAMPLINGS}
+CHOICES = {"accountant": ("prv", "rdp"), "optimizer": tuple(OPTIMIZERS), "sampling": SAMPLINGS,
+           "train_layers": TRAIN_LAYERS}
+COUNTS = ("slices_per_patient",)  # integers >= 1
 
 
 def check_job_arguments(**args) -> None:
     """The job's arguments are plain values of the expected kind, never code or paths: flags are
-    booleans, settings in CHOICES one of their values, everything else a number. Raises TypeError
-    or ValueError naming the argument (the site builds nothing from a job's strings)."""
+    booleans, settings in CHOICES one of their values, COUNTS integers >= 1, everything else a
+    number. Raises TypeError or ValueError naming the argument (the site builds nothing from a
+    job's strings)."""
     for name, value in args.items():
         if name == "resume":
             if not isinstance(value, dict) or not all(
@@ -93,6 +96,9 @@ def check_job_arguments(**args) -> None:
         elif name in CHOICES:
             if value not in CHOICES[name]:
                 raise ValueError(f"job argument {name} must be one of {CHOICES[name]}, got {value!r}")
+        elif name in COUNTS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"job argument {name} must be an integer >= 1, got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"job argument {name} must be a number, got {value!r}")
 
@@ -149,8 +155,11 @@ class SiteLearner(Executor):
     accountant: "prv" or "rdp"; data_source: "site" (the site's configured data) or "synthetic"
     (a synthetic cohort generated in the site's workspace; only where a job asks for it).
     optimizer: "adam" or "sgd";
-    sampling: "poisson" or "fixed" (fixed only without DP); record_batches: keep each round's
-    training batches in the site's job folder (``audit/``) for the site's own audit;
+    sampling: "poisson" or "fixed" (fixed only without DP); slices_per_patient: slices per sampled
+    patient per step (their gradients averaged, then clipped once: same sensitivity and accounting);
+    train_layers: "all", "decoder" or "norm" (``dpseg.dptrain.set_trained_layers``; the rest stays
+    as the global model has it); record_batches: keep each round's training batches in the site's
+    job folder (``audit/``) for the site's own audit (one slice per patient, all layers trained);
     resume: {site name: ledger entry} of a stopped job that this job continues (written by
     ``dpseg resume-job``): the site's accountant continues from the state saved in its ledger.
     """
@@ -159,14 +168,15 @@ class SiteLearner(Executor):
                  max_grad_norm: float = 1.0, batch_size: int = 16, local_epochs: float = 1.0,
                  learning_rate: float = 1e-3, accountant: str = "prv", data_source: str = "site",
                  seed: int = 0, local_steps: int = 0, sample_rate: float = 0.0, optimizer: str = "adam",
-                 sampling: str = "poisson",
+                 sampling: str = "poisson", slices_per_patient: int = 1, train_layers: str = "all",
                  record_batches: bool = False, resume: dict | None = None, train_task: str = AppConstants.TASK_TRAIN,
                  validate_task: str = AppConstants.TASK_VALIDATION, log_writer_id: str = "log_writer"):
         super().__init__()
         check_job_arguments(dp=dp, record_batches=record_batches, target_epsilon=target_epsilon, delta=delta,
                             max_grad_norm=max_grad_norm, batch_size=batch_size, local_epochs=local_epochs,
                             learning_rate=learning_rate, seed=seed, local_steps=local_steps, sample_rate=sample_rate,
-                            accountant=accountant, optimizer=optimizer, sampling=sampling, resume=resume or {})
+                            accountant=accountant, optimizer=optimizer, sampling=sampling,
+                            slices_per_patient=slices_per_patient, train_layers=train_layers, resume=resume or {})
         if data_source not in ("site", "synthetic"):
             raise ValueError(f"data_source must be 'site' or 'synthetic', got {data_source!r}")
         if dp and sampling != "poisson":
@@ -176,7 +186,12 @@ class SiteLearner(Executor):
                              "the site's number of training patients they would release it, which the "
                              f"add/remove-one accountant treats as private; got local_steps={local_steps}, "
                              f"sample_rate={sample_rate}")
+        if record_batches and (slices_per_patient != 1 or train_layers != "all"):
+            raise ValueError("record_batches (the site's own audit) attacks updates of one slice per patient with "
+                             "every layer trained: it needs slices_per_patient 1 and train_layers 'all', got "
+                             f"slices_per_patient={slices_per_patient}, train_layers={train_layers!r}")
         self.sample_rate = float(sample_rate) or None
+        self.slices_per_patient, self.train_layers = slices_per_patient, train_layers
         self.fixed_steps, self.optimizer_name, self.sampling = int(local_steps), optimizer, sampling
         self.record_batches, self.resume = record_batches, dict(resume or {})
         self.dp, self.target_epsilon, self.delta = dp, target_epsilon, delta
@@ -335,7 +350,11 @@ class SiteLearner(Executor):
             self.trainer = LocalTrainer(self.network, self.loss_fn, self.data, self.learning_rate, self.batch_size,
                                         self.accountant if self.dp else None, seed=self.seed,
                                         optimizer=self.optimizer_name, sampling=self.sampling,
-                                        record=self.record_batches, sample_rate=self.sample_rate)
+                                        record=self.record_batches, sample_rate=self.sample_rate,
+                                        slices_per_patient=self.slices_per_patient, train_layers=self.train_layers)
+            self.log_info(fl_ctx, f"{self.site}: training {self.trainer.trained_parameters} of "
+                                  f"{sum(p.numel() for p in self.network.parameters())} parameters (train_layers "
+                                  f"{self.train_layers!r}), {self.slices_per_patient} slice(s) per patient")
         try:
             stats = self.trainer.run(self.local_steps, abort=lambda: abort_signal.triggered)
         finally:
@@ -357,7 +376,7 @@ class SiteLearner(Executor):
         self.log_info(fl_ctx, f"{self.site}: round {current_round}: {stats.steps} steps in {seconds:.1f} s, peak "
                               f"memory {peak_mb:.0f} MB (kept at the site), val Dice {val['val_dice']:.4f}, {spent}")
         self.log_debug(fl_ctx, f"{self.site}: round {current_round}: local train loss {stats.mean_loss:.4f}, "
-                               f"{stats.samples} slices in {stats.steps} steps (kept at the site)")
+                               f"{stats.samples} patients in {stats.steps} steps (kept at the site)")
         self._keep_round_record(current_round, seconds, peak_mb)
         self._track(current_round, val, meta["privacy"])
         return DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
@@ -373,7 +392,8 @@ class SiteLearner(Executor):
     def _training_meta(self) -> dict:
         """The job's public local-training settings (what an auditor's attacker may assume)."""
         return {"learning_rate": self.learning_rate, "local_steps": self.local_steps, "batch_size": self.batch_size,
-                "optimizer": self.optimizer_name, "sampling": self.sampling}
+                "optimizer": self.optimizer_name, "sampling": self.sampling,
+                "slices_per_patient": self.slices_per_patient, "train_layers": self.train_layers}
 
     def _privacy_meta(self) -> dict:
         if not self.dp:
