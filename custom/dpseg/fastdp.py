@@ -48,6 +48,16 @@ def _by_patient(t: torch.Tensor, k: int) -> torch.Tensor:
     return t.reshape(t.shape[0] // k, k, *t.shape[1:])
 
 
+def _summed_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over k and l of a[:, k, p, l] * b[:, k, q, l]: (B, K, P, L), (B, K, Q, L) -> (B, P, Q),
+    accumulated slice by slice into one (B, P, Q) buffer (no (B, K, P, Q) product, no copy of the
+    operands as a permuted einsum would make)."""
+    out = torch.bmm(a[:, 0], b[:, 0].transpose(1, 2))
+    for k in range(1, a.shape[1]):
+        out.baddbmm_(a[:, k], b[:, k].transpose(1, 2))
+    return out
+
+
 def conv2d_patient_grad_sample(layer: nn.Conv2d, activations: list, backprops: torch.Tensor, k: int) -> dict:
     """Per-patient gradients of a Conv2d (groups 1) from K consecutive slices per patient: weight
     (B, Cout, Cin, kh, kw), bias (B, Cout); each the sum over the patient's slices and positions."""
@@ -57,7 +67,7 @@ def conv2d_patient_grad_sample(layer: nn.Conv2d, activations: list, backprops: t
     x, g = _by_patient(x, k), _by_patient(g, k)
     grads = {}
     if layer.weight.requires_grad:
-        grads[layer.weight] = torch.einsum("bkol,bkpl->bop", g, x).reshape(x.shape[0], *layer.weight.shape)
+        grads[layer.weight] = _summed_products(g, x).reshape(x.shape[0], *layer.weight.shape)
     if layer.bias is not None and layer.bias.requires_grad:
         grads[layer.bias] = g.sum(dim=(1, 3))
     return grads
@@ -73,7 +83,7 @@ def conv_transpose2d_patient_grad_sample(layer: nn.ConvTranspose2d, activations:
     x, g = _by_patient(x.reshape(x.shape[0], x.shape[1], -1), k), _by_patient(g, k)
     grads = {}
     if layer.weight.requires_grad:
-        grads[layer.weight] = torch.einsum("bkil,bkjl->bij", x, g).reshape(x.shape[0], *layer.weight.shape)
+        grads[layer.weight] = _summed_products(x, g).reshape(x.shape[0], *layer.weight.shape)
     if layer.bias is not None and layer.bias.requires_grad:
         grads[layer.bias] = _by_patient(backprops, k).sum(dim=(1, 3, 4))
     return grads
