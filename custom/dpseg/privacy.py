@@ -3,8 +3,9 @@ budget across jobs is its ledger, ``dpseg.ledger``).
 
 The unit of privacy is one patient of one site: every training sample is one patient (the job's
 ``slices_per_patient`` slices of it, whose gradients are averaged and clipped once), and batches
-are drawn by Poisson sampling over the site's training patients with rate ``sample_rate``. The guarantee covers everything the site sends during a job (all rounds), by the
-accountant named (Opacus' ``prv`` or ``rdp``).
+are drawn by Poisson sampling over the site's training patients with rate ``sample_rate``. The
+guarantee covers everything the site sends during a job (all rounds), by the accountant named
+(Opacus' ``prv`` or ``rdp``).
 
 Adjacency: add/remove one patient (ADJACENCY), the relation Opacus' accountants bound. Under it
 the site's number of training patients is private, so nothing a site sends may depend on it
