@@ -95,10 +95,10 @@ GRIDS = {
                   epsilons=[8.0, 3.0, 1.0],
                   seeds=[0], audit_rounds=2, attack_iterations=100, attack_restarts=1, attack_refine_iterations=50,
                   minutes_per_run=1.0, minutes_per_audit=3.0, random_start_epsilon=8.0),
-    "full": Grid("full", [60, 90, 120], rounds=20, local_epochs=6.0, batch_size=16, sample_rate=0.25, local_steps=24,
+    "full": Grid("full", [60, 90, 120], rounds=10, local_epochs=6.0, batch_size=16, sample_rate=0.25, local_steps=24,
                  epsilons=[8.0, 3.0, 1.0],
                  seeds=[0, 1, 2], audit_rounds=2, attack_iterations=300, attack_restarts=1, attack_refine_iterations=200,
-                 minutes_per_run={"public": 0.5, "local": 4.5, "pooled": 12.0, "fed": 9.0, "fed_dp": 9.5}, minutes_per_audit=6.5,
+                 minutes_per_run={"public": 1.0, "local": 2.5, "pooled": 6.5, "fed": 5.0, "fed_dp": 5.5}, minutes_per_audit=6.5,
                  random_start_epsilon=8.0),
 }
 
