@@ -50,7 +50,7 @@ def test_audit_cli_on_a_saved_update(bundle, cohort, tmp_path):
               str(tmp_path / "batches.pt"), "--datalist", str(datalist), "--local-lr", "0.01"]
     out = tmp_path / "audit"
     result = run_cli("audit", *common, "--out", str(out), "--iterations", "4", "--restarts", "1", "--prior", "none",
-                     "--json", str(tmp_path / "m.json"))
+                     "--refine-iterations", "2", "--json", str(tmp_path / "m.json"))
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["iterations"] == 4 and metrics["patients_in_update"] == 1 and metrics["dp"] is False
