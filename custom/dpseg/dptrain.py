@@ -32,7 +32,7 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
 from dpseg.datalist import patient_id
-from dpseg.fastdp import PerSampleGrads
+from dpseg.fastdp import PerSampleGrads, checked_slices_per_patient
 from dpseg.privacy import Accountant
 from dpseg.securerandom import SecureRandom
 
@@ -238,11 +238,9 @@ class LocalTrainer:
         if accountant is not None and sampling != "poisson":
             raise ValueError("DP training needs Poisson sampling (the accountant assumes it); "
                              f"sampling={sampling!r} is only allowed without DP")
-        if isinstance(slices_per_patient, bool) or not isinstance(slices_per_patient, int) or slices_per_patient < 1:
-            raise ValueError(f"slices_per_patient must be an integer >= 1, got {slices_per_patient!r}")
         self.network, self.loss_fn, self.data = network, loss_fn, data
         self.accountant, self.batch_size, self.sampling = accountant, batch_size, sampling
-        self.slices_per_patient = slices_per_patient
+        self.slices_per_patient = checked_slices_per_patient(slices_per_patient)
         self.per_sample: PerSampleGrads | None = None
         self.record, self.batches = record, []
         self.trained_parameters = set_trained_layers(network, train_layers)

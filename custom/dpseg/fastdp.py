@@ -43,6 +43,13 @@ def conv_transpose2d_grad_sample(layer: nn.ConvTranspose2d, activations: list, b
     return grads
 
 
+def checked_slices_per_patient(value) -> int:
+    """``value`` if it is an integer >= 1 (not a bool); else ValueError naming the setting."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"slices_per_patient must be an integer >= 1, got {value!r}")
+    return value
+
+
 def _by_patient(t: torch.Tensor, k: int) -> torch.Tensor:
     """(B*K, ...) -> (B, K, ...): the K consecutive rows of each patient."""
     return t.reshape(t.shape[0] // k, k, *t.shape[1:])
@@ -133,9 +140,8 @@ class PerSampleGrads:
     def __init__(self, network: nn.Module, loss_reduction: str = "mean", slices_per_patient: int = 1):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
-        if isinstance(slices_per_patient, bool) or not isinstance(slices_per_patient, int) or slices_per_patient < 1:
-            raise ValueError(f"slices_per_patient must be an integer >= 1, got {slices_per_patient!r}")
-        self.network, self.loss_reduction, self.k = network, loss_reduction, slices_per_patient
+        self.network, self.loss_reduction = network, loss_reduction
+        self.k = checked_slices_per_patient(slices_per_patient)
         self.params = [p for p in network.parameters() if p.requires_grad]
         self.param_ids = set(self.params)
         self.samplers = {}
