@@ -24,6 +24,7 @@ from dpseg.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component
 from dpseg.server import RESUME_FILE, ROUNDS_FILE
 
 RESUME_MODEL = "resume/global_model.pt"
+RESUME_AVERAGE = "resume/average_model.pt"
 WORKFLOW = "ScatterAndGather"
 LEARNER = "dpseg.learner.SiteLearner"
 
@@ -101,6 +102,8 @@ def resume_job(run: Path, job: Path, out: Path) -> dict:
     if "dpseg.server.BundlePersistor" not in persistor.get("path", ""):
         raise ResumeError(f"{server_file}: the persistor {persistor_id!r} is not dpseg.server.BundlePersistor")
     persistor.setdefault("args", {})["resume_model"] = RESUME_MODEL
+    if "average" in point:  # the job averages its global models: the average goes on too
+        persistor["args"]["resume_average"] = RESUME_AVERAGE
     _component(client, LEARNER, client_file).setdefault("args", {})["resume"] = entries
 
     shutil.copytree(job, out)
@@ -109,5 +112,7 @@ def resume_job(run: Path, job: Path, out: Path) -> dict:
     model_file = out / "app" / RESUME_MODEL
     model_file.parent.mkdir(parents=True)
     torch.save(point["model"], model_file)
+    if "average" in point:
+        torch.save(point["average"], out / "app" / RESUME_AVERAGE)
     return {"next_round": next_round, "rounds_left": end - next_round, "end_round": end,
             "ledger_entries": entries, "resume_point": str(point_file)}

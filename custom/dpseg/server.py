@@ -25,10 +25,11 @@ from nvflare.apis.fl_component import FLComponent
 from nvflare.apis.fl_constant import FLContextKey, JobConstants, ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.app_constant import AppConstants
-from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey
+from nvflare.app_common.abstract.model import ModelLearnable, ModelLearnableKey, make_model_learnable
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 
+from dpseg.averaging import averaged, checked_decay
 from dpseg.bundle import Bundle
 from dpseg.files import write_whole
 from dpseg.workspace import allow_list_refusal
@@ -68,18 +69,28 @@ class BundlePersistor(PTFileModelPersistor):
     patients), ``"random"`` a fresh network initialised from ``seed`` (the same seed, the same
     initial weights);
     ``resume_model``: a state dict file inside the job's app folder (relative path) to start from
-    instead, the global model of a stopped job (``dpseg resume-job`` writes it there).
+    instead, the global model of a stopped job (``dpseg resume-job`` writes it there);
+    ``resume_average``: likewise, the stopped job's average of global models;
+    ``average_decay``: 0 (default) no averaging; in (0, 1) the server also keeps an exponential
+    moving average of the global models (``dpseg.averaging``, post-processing, no privacy cost), and
+    that average is the job's output: the final global model (``FL_global_model.pt``, which the
+    cross-site evaluation tests as the final model) and, at the end of the job, the bundle's
+    ``models/model.pt``; the model picked by the sites' validation stays ``best_FL_global_model.pt``.
     Every persisted global model also becomes the job's resume point (``RESUME_FILE``).
     At the start of a job it applies the server's class allow-list to the job's configuration
     (``dpseg.workspace.allow_list_refusal``; NVFlare leaves that to the job when the job's app has a
     ``custom/`` folder, as the shipped ones do) and stops the job with one line where it is refused.
     """
 
-    def __init__(self, initial_model: str = "bundle", seed: int = 0, resume_model: str = "", **kwargs):
+    def __init__(self, initial_model: str = "bundle", seed: int = 0, resume_model: str = "",
+                 average_decay: float = 0.0, resume_average: str = "", **kwargs):
         self.bundle = Bundle()
-        if resume_model and (Path(resume_model).is_absolute() or ".." in Path(resume_model).parts):
-            raise ValueError(f"resume_model must be a path inside the job's app folder, got {resume_model!r}")
-        self.resume_model = resume_model
+        for name, value in (("resume_model", resume_model), ("resume_average", resume_average)):
+            if value and (Path(value).is_absolute() or ".." in Path(value).parts):
+                raise ValueError(f"{name} must be a path inside the job's app folder, got {value!r}")
+        self.resume_model, self.resume_average = resume_model, resume_average
+        self.average_decay = checked_decay(average_decay)
+        self.average: dict[str, np.ndarray] | None = None
         super().__init__(model=initial_network(self.bundle, initial_model, seed), **kwargs)
 
     def handle_event(self, event: str, fl_ctx: FLContext):
@@ -91,9 +102,17 @@ class BundlePersistor(PTFileModelPersistor):
                 raise FileNotFoundError(f"resume_model {self.resume_model} is not in the job's app folder")
             self.source_ckpt_file_full_name = str(path)  # NVFlare's persistor loads an absolute path
             self.log_info(fl_ctx, f"resuming from the global model in {self.resume_model}")
+        if event == EventType.START_RUN and self.resume_average and self.average_decay:
+            path = Path(fl_ctx.get_prop(FLContextKey.APP_ROOT)) / self.resume_average
+            if not path.is_file():
+                raise FileNotFoundError(f"resume_average {self.resume_average} is not in the job's app folder")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            self.average = {k: v.numpy() for k, v in state.items()}
         super().handle_event(event, fl_ctx)
-        if event == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE:
-            self._write_bundle(fl_ctx)
+        if event == AppEventType.GLOBAL_BEST_MODEL_AVAILABLE and not self.average_decay:
+            self._write_bundle(fl_ctx, self._best_ckpt_save_path)
+        elif event == EventType.END_RUN and self.average_decay and self.average is not None:
+            self._write_bundle(fl_ctx, self._ckpt_save_path)
 
     def _refused(self, fl_ctx: FLContext) -> bool:
         """Stop the job (and say why, in one line) if the server's class allow-list does not allow
@@ -108,17 +127,25 @@ class BundlePersistor(PTFileModelPersistor):
         return refusal is not None
 
     def save_model(self, ml: ModelLearnable, fl_ctx: FLContext):
-        """Persist the global model and the resume point: (round just completed, end round, model),
-        one file written atomically."""
-        super().save_model(ml, fl_ctx)
+        """Persist the global model (with averaging: the average, as the final model) and the resume
+        point: (round just completed, end round, model[, average]), one file written atomically."""
+        weights = {k: np.asarray(v) for k, v in ml[ModelLearnableKey.WEIGHTS].items()}
+        if self.average_decay:
+            self.average = averaged(self.average, weights, self.average_decay)
+            super().save_model(make_model_learnable(self.average, {}), fl_ctx)
+        else:
+            super().save_model(ml, fl_ctx)
         current = int(fl_ctx.get_prop(AppConstants.CURRENT_ROUND) or 0)
         end = int(fl_ctx.get_prop(AppConstants.START_ROUND) or 0) + int(fl_ctx.get_prop(AppConstants.NUM_ROUNDS) or 0)
-        model = {k: torch.as_tensor(np.asarray(v)) for k, v in ml[ModelLearnableKey.WEIGHTS].items()}
-        point = {"completed_round": current, "end_round": end, "model": model}
+        point = {"completed_round": current, "end_round": end,
+                 "model": {k: torch.as_tensor(v) for k, v in weights.items()}}
+        if self.average is not None:
+            point["average"] = {k: torch.as_tensor(v) for k, v in self.average.items()}
         write_whole(Path(self.log_dir) / RESUME_FILE, lambda tmp: torch.save(point, tmp))
 
-    def _write_bundle(self, fl_ctx: FLContext) -> None:
-        best = torch.load(self._best_ckpt_save_path, map_location="cpu", weights_only=True)
+    def _write_bundle(self, fl_ctx: FLContext, checkpoint: str) -> None:
+        """A copy of the bundle whose ``models/model.pt`` is the state dict of ``checkpoint``."""
+        best = torch.load(checkpoint, map_location="cpu", weights_only=True)
         state = best.get("model", best)
         out = Path(fl_ctx.get_engine().get_workspace().get_run_dir(fl_ctx.get_job_id())) / BUNDLE_OUT / self.bundle.root.name
         if not out.exists():
@@ -126,7 +153,8 @@ class BundlePersistor(PTFileModelPersistor):
         network = self.bundle.network()
         network.load_state_dict(state, strict=True)  # fails loudly on any key mismatch
         write_whole(out / "models" / "model.pt", lambda tmp: torch.save(network.state_dict(), tmp))
-        self.log_info(fl_ctx, f"best global model written to {out / 'models' / 'model.pt'}")
+        what = "average of the global models" if self.average_decay else "best global model"
+        self.log_info(fl_ctx, f"{what} written to {out / 'models' / 'model.pt'}")
 
 
 class RoundRecorder(FLComponent):

@@ -13,6 +13,7 @@ from dpseg.jobs import configure_job, site_ledgers
 from dpseg.jobs import run_simulator as simulate
 from dpseg.ledger import Ledger
 from dpseg.report import build_report
+from dpseg.server import RESUME_FILE
 
 
 def prepare_job(name: str, dest: Path, rounds: int, server_args: dict | None = None, **client_args) -> Path:
@@ -38,7 +39,9 @@ def simulate_on_cohort(job: Path, cohort: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("name", ["fed_dp", "fed"])
 def test_two_sites_two_rounds_report_and_bundle(cohort, tmp_path, name):
-    job = prepare_job(name, tmp_path, rounds=2, batch_size=2, sample_rate=0.5, local_steps=2)
+    # the DP job also averages its global models (the fed job does not): its output is the average
+    averaging = {"average_decay": 0.5} if name == "fed_dp" else {}
+    job = prepare_job(name, tmp_path, rounds=2, server_args=averaging, batch_size=2, sample_rate=0.5, local_steps=2)
     ws = simulate_on_cohort(job, cohort, tmp_path)
     report = build_report(ws)
     assert report["rounds"] == 2 and len(report["round_seconds"]) == 2
@@ -65,6 +68,14 @@ def test_two_sites_two_rounds_report_and_bundle(cohort, tmp_path, name):
     assert not any(k.startswith("_module.") for k in state)
     bundle = Bundle(bundle_dir)
     bundle.load_weights(bundle.network())
+    point = torch.load(next(ws.rglob(RESUME_FILE)), weights_only=True)
+    final = global_model(ws)
+    if averaging:  # the bundle and the final model (tested by every site) are the average, not the last model
+        assert all(torch.equal(state[k], point["average"][k]) and torch.equal(final[k], point["average"][k]) for k in state)
+        assert any(not torch.equal(state[k], point["model"][k]) for k in state)
+        assert all(0.0 <= e["test_dice_final"] <= 1.0 for e in report["sites"].values())
+    else:
+        assert "average" not in point and all(torch.equal(final[k], point["model"][k]) for k in final)
     text = run_cli("report", str(ws))
     assert text.returncode == 0 and "epsilon" in text.stdout and "site-2" in text.stdout
     assert json.loads((ws / "dpseg_report.json").read_text())["rounds"] == 2
