@@ -23,6 +23,20 @@ def test_arms_cover_the_public_model_local_pooled_fl_every_epsilon_and_the_rando
                      "FL+DP eps 3", "FL+DP eps 1", "FL+DP eps 8 (random start)"]
     assert len({a.slug for a in study.arms()}) == len(names)
     assert [a.start for a in study.arms()].count("random") == 1  # every other arm starts from the bundle
+    assert study.arms(seed=0) == study.arms()  # the quick grid has no ablation
+
+
+def test_the_ablation_turns_on_each_technique_alone_for_the_first_seed_only(cohort, tmp_path):
+    study = Study(GRIDS["full"], cohort, tmp_path / "work", tmp_path / "out")
+    first, later = study.arms(seed=0), study.arms(seed=1)
+    extra = first[len(later):]
+    assert first[:len(later)] == later and [a.name for a in extra] == [
+        "FL+DP eps 8, 4 slices per patient", "FL+DP eps 8, decoder layers only", "FL+DP eps 8, averaged (decay 0.8)"]
+    assert [(a.slices_per_patient, a.train_layers, a.average_decay) for a in extra] == [
+        (4, "all", 0.0), (1, "decoder", 0.0), (1, "all", 0.8)]
+    assert not any(a.ablation for a in later) and all(a.start == "bundle" for a in extra)
+    assert len({a.slug for a in first}) == len(first) and all(a.slug.isascii() and " " not in a.slug for a in first)
+    assert GRIDS["full"].run_minutes("fed_dp", 4) == 4 * GRIDS["full"].run_minutes("fed_dp")
     with pytest.raises(FileNotFoundError, match="no site-"):
         Study(GRIDS["quick"], tmp_path, tmp_path / "w", tmp_path / "o")
 
@@ -52,7 +66,8 @@ def test_results_page_and_figures(tmp_path):
     np.save(example / "truth.npy", np.zeros((1, 8, 8)))
     np.save(example / "reconstruction.npy", np.ones((1, 8, 8)) * 0.5)
     runs = [_run("FL", "fed", 0, 0.9), _run("pooled", "pooled", 0, 0.95), _run("local site-1", "local", 0, 0.7),
-            _run("FL+DP eps 8", "fed_dp", 0, 0.8, 8.0), _run("FL+DP eps 1", "fed_dp", 0, 0.6, 1.0)]
+            _run("FL+DP eps 8", "fed_dp", 0, 0.8, 8.0), _run("FL+DP eps 1", "fed_dp", 0, 0.6, 1.0),
+            {**_run("FL+DP eps 8, decoder layers only", "fed_dp", 0, 0.82, 8.0), "ablation": "decoder layers only"}]
     audit = {"level": "no DP", "epsilon": None, "wall_seconds": 10.0, "examples": [str(example)],
              "summary": {"attack": {"iterations": 20, "restarts": 1, "label": "known", "prior": "synthetic"},
                          "scored": 2, "mean": {"ssim": 0.3, "baseline_ssim": 0.5, "identified": 0.5, "psnr": 12.0,
@@ -66,7 +81,8 @@ def test_results_page_and_figures(tmp_path):
         "privacy_utility", "reconstructions"}
     md = write_markdown(results, {k: p.relative_to(tmp_path) for k, p in figures.items()})
     assert "| FL+DP eps 8 | 0.750 | 1 seed | 0.800 | 0.700 | 7.99 | 60 |" in md
-    assert "Dice gap, FL without DP minus FL with DP: eps 8: +0.100, eps 1: +0.300." in md
+    assert "Dice gap, FL without DP minus FL with DP: eps 8: +0.100, eps 1: +0.300." in md  # no ablation arm
+    assert "| FL+DP eps 8, decoder layers only | 0 | 0.770 | 0.750 | +0.020 | 60 | 60 |" in md
     assert "| no DP | 2 | 0.300 | 0.500 | 12.0 | 0.50 | 4 | 250 | - | - | - | 1.00 | 0.100 | - | - |" in md
     assert "the true label mask given to the attacker" in md and "prior synthetic" in md
     assert "![Privacy and utility](figures/quick_privacy_utility.png)" in md

@@ -40,7 +40,9 @@ class Grid:
     federated arms' public sample_rate and local_steps per round (FL and FL+DP alike; batch_size is
     the expected batch the update is divided by); epsilons of the DP arms (delta 1e-5, patient level); seeds; audit:
     rounds audited, attack iterations x restarts; random_start_epsilon: the epsilon of an extra FL+DP
-    arm from a random network instead of the bundle's public weights (None: no such arm)."""
+    arm from a random network instead of the bundle's public weights (None: no such arm);
+    ablation_epsilon: the epsilon of the ablation arms (``ABLATIONS``: each technique the shipped DP
+    job leaves off, turned on alone), trained for the first seed only (None: no ablation)."""
 
     name: str
     patients: list[int]
@@ -61,6 +63,8 @@ class Grid:
     minutes_per_audit: float
     # the epsilon of the FL+DP arm that starts from a random network (the old start), None for none
     random_start_epsilon: float | None = None
+    # the epsilon of the ablation arms (first seed only), None for none
+    ablation_epsilon: float | None = None
 
     def settings(self, audit: bool = True) -> dict:
         """What the results depend on: every field but the planning estimates; a training run's
@@ -82,10 +86,11 @@ class Grid:
         return {**job_attack(), "iterations": self.attack_iterations, "restarts": self.attack_restarts,
                 "refine_iterations": self.attack_refine_iterations}
 
-    def run_minutes(self, kind: str) -> float:
-        """Planned minutes of one training run of ``kind``."""
+    def run_minutes(self, kind: str, slices_per_patient: int = 1) -> float:
+        """Planned minutes of one training run of ``kind`` (a DP run with K slices per patient: K
+        times as long, an upper bound)."""
         m = self.minutes_per_run
-        return float(m.get(kind, max(m.values())) if isinstance(m, dict) else m)
+        return float(m.get(kind, max(m.values())) if isinstance(m, dict) else m) * slices_per_patient
 
 
 STUDY_LEDGER_EPSILON = 1000.0  # each run's own ledgers: no run of the study is refused for budget
@@ -99,7 +104,7 @@ GRIDS = {
                  epsilons=[8.0, 3.0, 1.0],
                  seeds=[0, 1, 2], audit_rounds=2, attack_iterations=300, attack_restarts=1, attack_refine_iterations=200,
                  minutes_per_run={"public": 1.0, "local": 2.5, "pooled": 6.5, "fed": 5.0, "fed_dp": 5.5}, minutes_per_audit=6.5,
-                 random_start_epsilon=8.0),
+                 random_start_epsilon=8.0, ablation_epsilon=8.0),
 }
 
 
@@ -110,23 +115,41 @@ ARM_KINDS = ("public", "local", "pooled", "fed", "fed_dp")
 class Arm:
     """One training configuration: kind is one of ARM_KINDS ("public": the bundle's shipped model,
     trained on the public cohort only, with no site training); start: the first global model,
-    "bundle" (the shipped weights) or "random" (a network initialised from the run's seed)."""
+    "bundle" (the shipped weights) or "random" (a network initialised from the run's seed); the
+    DP arms' techniques: slices_per_patient, train_layers (the site learner's arguments) and the
+    server's average_decay (the shipped job's values by default)."""
 
     kind: str
     site: str = ""
     epsilon: float | None = None
     start: str = "bundle"
+    slices_per_patient: int = 1
+    train_layers: str = "all"
+    average_decay: float = 0.0
+
+    @property
+    def ablation(self) -> str:
+        """What this arm changes in the shipped DP job ("" for nothing)."""
+        return ", ".join(([f"{self.slices_per_patient} slices per patient"] if self.slices_per_patient != 1 else [])
+                         + ([f"{self.train_layers} layers only"] if self.train_layers != "all" else [])
+                         + ([f"averaged (decay {self.average_decay:g})"] if self.average_decay else []))
 
     @property
     def name(self) -> str:
         if self.kind == "fed_dp":
-            return f"FL+DP eps {self.epsilon:g}" + (" (random start)" if self.start == "random" else "")
+            return f"FL+DP eps {self.epsilon:g}" + (" (random start)" if self.start == "random" else "") + \
+                (f", {self.ablation}" if self.ablation else "")
         return {"public": "public model alone", "local": f"local {self.site}", "pooled": "pooled",
                 "fed": "FL"}[self.kind]
 
     @property
     def slug(self) -> str:
-        return self.name.replace(" ", "_").replace("+", "_").replace("(", "").replace(")", "")
+        return "".join(c if c.isalnum() or c in "._-" else "_" for c in self.name.replace("+", "_")
+                       .replace("(", "").replace(")", "").replace(",", ""))
+
+
+# the ablation arms: each technique the shipped DP job leaves off, on alone (the random start is its own arm)
+ABLATIONS = ({"slices_per_patient": 4}, {"train_layers": "decoder"}, {"average_decay": 0.8})
 
 
 @dataclass
@@ -150,10 +173,14 @@ class Study:
         if not self.sites:
             raise FileNotFoundError(f"no site-*/datalist.json under {self.cohort}")
 
-    def arms(self) -> list[Arm]:
+    def arms(self, seed: int | None = None) -> list[Arm]:
+        """The arms trained for ``seed`` (the ablation arms for the grid's first seed only)."""
+        g = self.grid
+        ablation = [Arm("fed_dp", epsilon=g.ablation_epsilon, **a) for a in ABLATIONS] \
+            if g.ablation_epsilon and seed == g.seeds[0] else []
         return [Arm("public")] + [Arm("local", site=s) for s in self.sites] + [Arm("pooled"), Arm("fed")] + \
-            [Arm("fed_dp", epsilon=e) for e in self.grid.epsilons] + \
-            ([Arm("fed_dp", epsilon=e, start="random")] if (e := self.grid.random_start_epsilon) else [])
+            [Arm("fed_dp", epsilon=e) for e in g.epsilons] + \
+            ([Arm("fed_dp", epsilon=e, start="random")] if (e := g.random_start_epsilon) else []) + ablation
 
     def env(self, run: Path, clients: list[str], datalist: Path | None = None) -> dict:
         """The simulated sites' settings for one run: the cohort, and a new privacy ledger per site
@@ -251,18 +278,18 @@ def train_arm(study: Study, arm: Arm, seed: int) -> dict:
     else:  # one site or the pool alone: epochs of its own patients (nothing is shared)
         client = {"batch_size": g.batch_size, "sample_rate": 0.0, "local_steps": 0}
         learner["local_epochs"] = g.local_epochs
-    if arm.kind == "fed_dp":
-        client["target_epsilon"] = arm.epsilon
     server = {"num_rounds": g.rounds, "min_clients": len(clients)}
     if arm.kind == "fed_dp":
-        server["target_epsilon"] = arm.epsilon
+        client.update(target_epsilon=arm.epsilon, slices_per_patient=arm.slices_per_patient,
+                      train_layers=arm.train_layers)
+        server.update(target_epsilon=arm.epsilon, average_decay=arm.average_decay)
     job = configure_job(JOBS_DIR / ("fed_dp" if arm.kind == "fed_dp" else "fed"), run / "job", server, client,
                         persistor_args={"seed": seed, "initial_model": arm.start}, learner_args=learner)
     pooled = study.cohort / "datalist.json" if arm.kind == "pooled" else None
     ws, wall = simulate_complete(study, job, run, study.env(run, clients, pooled), clients)
     report = build_report(ws)
-    if report["best_model_bundle"]:
-        model, which = Path(report["best_model_bundle"]) / "models" / "model.pt", "best"
+    if report["best_model_bundle"]:  # with averaging, the job's bundle is the average of its global models
+        model, which = Path(report["best_model_bundle"]) / "models" / "model.pt", "average" if arm.average_decay else "best"
     else:  # no best model is chosen in a one-round job (round 0's validation is of the initial model)
         model, which = next((ws / "server").rglob("FL_global_model.pt"), None), "final"
         if model is None:
@@ -270,7 +297,8 @@ def train_arm(study: Study, arm: Arm, seed: int) -> dict:
     dice = score_model(model, study)
     eps = [s["privacy"]["epsilon"] for s in report["sites"].values() if (s.get("privacy") or {}).get("dp")]
     return keep(run, g, {
-        "arm": arm.name, "kind": arm.kind, "epsilon": arm.epsilon, "start": arm.start, "seed": seed, "model": which,
+        "arm": arm.name, "kind": arm.kind, "epsilon": arm.epsilon, "start": arm.start, "ablation": arm.ablation,
+        "seed": seed, "model": which,
         "wall_seconds": wall,
         "train_seconds": sum(s.get("train_seconds") or 0 for s in report["sites"].values()),
         "epsilon_spent": max(eps) if eps else None, "dice_per_site": dice,
@@ -333,7 +361,7 @@ def run_audit(study: Study, epsilon: float | None, run: Path) -> dict:
     """
     from dpseg.auditresults import RELEASE_NONE, SITE_AUDIT_DIR, find_site_results, read_site_results
     from dpseg.report import summarize_audit
-    from dpseg.site import AUDIT_RELEASE_ENV
+    from dpseg.site import AUDIT_PRIOR_ENV, AUDIT_RELEASE_ENV
 
     g = study.grid
     started = time.perf_counter()
@@ -345,7 +373,7 @@ def run_audit(study: Study, epsilon: float | None, run: Path) -> dict:
         server["target_epsilon"] = client["target_epsilon"] = epsilon
     job = configure_job(JOBS_DIR / "fed_dp_audit", run / "job", server, client)
     clients = study.sites[:2]
-    env = {**study.env(run, clients), AUDIT_RELEASE_ENV: RELEASE_NONE}
+    env = {**study.env(run, clients), AUDIT_RELEASE_ENV: RELEASE_NONE, AUDIT_PRIOR_ENV: str(prior_folder(study))}
     ws, wall = simulate_complete(study, job, run, env, clients)
     kept = find_site_results(ws)
     if not kept:
@@ -357,6 +385,23 @@ def run_audit(study: Study, epsilon: float | None, run: Path) -> dict:
                          "examples": [str(f.relative_to(run)) for f in folders if (f / "reconstruction.npy").exists()]})
 
 
+def prior_folder(study: Study) -> Path:
+    """Where every audit of the study keeps the attacker's public prior (built once, public images only)."""
+    return study.work / "audit_prior"
+
+
+def build_prior(study: Study) -> None:
+    """Build the audits' attacker prior once, here, before the audits (their sites then load it
+    instead of each building it: about a minute each)."""
+    from dpseg.bundle import Bundle
+    from dpseg.prior import synthetic_prior
+
+    attack = study.grid.attack()
+    if attack.get("prior") == "synthetic":
+        synthetic_prior(prior_folder(study), Bundle().volume_transforms(), attack["prior_components"],
+                        progress=study.progress)
+
+
 def summarize(runs: list[dict]) -> list[dict]:
     """Per arm: mean and spread (sample standard deviation; min, max) of the mean Dice over seeds,
     per-site means, and the median wall time."""
@@ -365,6 +410,7 @@ def summarize(runs: list[dict]) -> list[dict]:
         rs = [r for r in runs if r["arm"] == arm]
         dice = [r["mean_dice"] for r in rs]
         rows.append({"arm": arm, "kind": rs[0]["kind"], "epsilon": rs[0]["epsilon"], "start": rs[0].get("start", "bundle"),
+                     "ablation": rs[0].get("ablation", ""),
                      "seeds": len(rs),
                      "mean_dice": statistics.mean(dice), "sd_dice": statistics.stdev(dice) if len(dice) > 1 else None,
                      "min_dice": min(dice), "max_dice": max(dice),
@@ -405,10 +451,11 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True, au
     if audits_only and not audit:
         raise ValueError("audits_only with audit off leaves nothing to run")
     published = published_runs(study) if audits_only else []
-    arms = [a for a in study.arms() if (not only or a.kind in only) and not audits_only]
-    plan = [(arm, seed) for seed in g.seeds for arm in arms]
+    # every seed's headline arms first, then the ablation (its arms compare with seed 0's shipped job)
+    plan = sorted(((arm, seed) for seed in g.seeds for arm in study.arms(seed) if (not only or arm.kind in only)
+                   and not audits_only), key=lambda p: bool(p[0].ablation))
     levels = [None] + list(g.epsilons) if audit else []
-    planned = [g.run_minutes(arm.kind) for arm, _ in plan]
+    planned = [g.run_minutes(arm.kind, arm.slices_per_patient) for arm, _ in plan]
     # every kept result is checked before anything starts: one of other settings stops the study here
     kept_runs = [kept_result(arm_folder(study, arm, seed), g) is not None for arm, seed in plan]
     kept_audits = [kept_result(audit_folder(study, level), g, audit=True) is not None for level in levels]
@@ -436,6 +483,8 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True, au
         study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed}: mean test Dice {r['mean_dice']:.3f} in "
                        f"{r['wall_seconds']:.0f} s; about {left:.0f} min left")
     audits = []
+    if not all(kept_audits):
+        build_prior(study)
     for level in levels:
         study.progress(f"audit {'no DP' if level is None else f'eps {level:g}'} ...")
         audits.append(audit_level(study, level))

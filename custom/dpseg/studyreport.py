@@ -16,6 +16,33 @@ def _fmt(value, spec: str = ".3f") -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
 
 
+def headline_dp(row: dict) -> bool:
+    """Whether a run or summary row is a shipped FL+DP arm: from the bundle, no ablation."""
+    return row["kind"] == "fed_dp" and row.get("start", "bundle") == "bundle" and not row.get("ablation")
+
+
+def ablation_table(results: dict) -> list[str]:
+    """Markdown lines: the ablation arms against the shipped FL+DP arm of the same seed and epsilon
+    (none where the study has no ablation)."""
+    ablated = [r for r in results["runs"] if r.get("ablation") or (r["kind"] == "fed_dp" and r.get("start") == "random")]
+    rows = []
+    for r in ablated:
+        shipped = next((s for s in results["runs"] if headline_dp(s) and s["seed"] == r["seed"]
+                        and s["epsilon"] == r["epsilon"]), None)
+        if shipped:
+            rows.append((r, shipped))
+    if not rows:
+        return []
+    lines = ["", "## Ablation (one seed each; against the shipped FL+DP job of the same seed)", "",
+             "| arm | seed | mean test Dice | shipped job | difference | wall time (s) | shipped job (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r, shipped in rows:
+        lines.append(f"| {r['arm']} | {r['seed']} | {_fmt(r['mean_dice'])} | {_fmt(shipped['mean_dice'])} | "
+                     f"{r['mean_dice'] - shipped['mean_dice']:+.3f} | {r['wall_seconds']:.0f} | "
+                     f"{shipped['wall_seconds']:.0f} |")
+    return lines
+
+
 def write_figures(results: dict, folder: Path) -> dict[str, Path]:
     import matplotlib
 
@@ -25,8 +52,7 @@ def write_figures(results: dict, folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     name = results["grid"]["name"]
     rows = results["summary"]
-    dp = sorted((r for r in rows if r["kind"] == "fed_dp" and r.get("start", "bundle") == "bundle"),
-                key=lambda r: r["epsilon"])
+    dp = sorted((r for r in rows if headline_dp(r)), key=lambda r: r["epsilon"])
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     if dp:
         left.errorbar([r["epsilon"] for r in dp], [r["mean_dice"] for r in dp],
@@ -110,9 +136,10 @@ def write_markdown(results: dict, figures: dict[str, Path]) -> str:
     fed = next((r for r in results["summary"] if r["kind"] == "fed"), None)
     if fed:
         gaps = [f"eps {r['epsilon']:g}: {fed['mean_dice'] - r['mean_dice']:+.3f}"
-                for r in results["summary"] if r["kind"] == "fed_dp" and r.get("start", "bundle") == "bundle"]
+                for r in results["summary"] if headline_dp(r)]
         if gaps:
             lines += ["", "Dice gap, FL without DP minus FL with DP: " + ", ".join(gaps) + "."]
+    lines += ablation_table(results)
     audits = results.get("audits", [])
     if audits:
         a0 = (audits[0]["summary"].get("attack") or {})
