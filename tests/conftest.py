@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,15 @@ def _grouped_on_one_worker(request: pytest.FixtureRequest) -> None:
     if lost:
         pytest.fail(f"--dist loadgroup does not group {lost[0]} with this pytest / pytest-xdist pair "
                     "(pytest-xdist issue 1386): install the versions pyproject.toml allows", pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _calibration_cache(tmp_path_factory) -> None:
+    """Noise calibrations kept for this test session only (shared by its workers and the processes
+    they start), not in the user's cache."""
+    from dpseg.privacy import CACHE_ENV
+
+    os.environ[CACHE_ENV] = str(tmp_path_factory.getbasetemp().parent / "dpseg_cache")
 
 
 @pytest.fixture(scope="session")

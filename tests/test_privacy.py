@@ -4,16 +4,35 @@ import json
 import pytest
 
 from dpseg.ledger import Ledger
-from dpseg.privacy import ADJACENCY, Accountant, PrivacyError, calibrate, check_cohort, continue_accountant, replan
+from dpseg.privacy import (ADJACENCY, CACHE_ENV, Accountant, PrivacyError, calibrate, check_cohort, continue_accountant,
+                           replan)
 
 
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
-def test_calibration_reaches_but_never_exceeds_the_target(accountant):
-    s = calibrate(8.0, 1e-5, 1.0, 16, 16 / 84, 300, accountant)
-    eps = Accountant(s).epsilon_after(300)
-    assert eps <= 8.0
-    assert eps > 8.0 * 0.98  # close to the target, not wastefully noisy
-    assert s.sample_rate == pytest.approx(16 / 84)
+def test_calibration_reaches_but_never_exceeds_the_target(accountant, tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))  # nothing kept: the search itself
+    for target, steps in ((8.0, 300), (1.0, 300)):
+        s = calibrate(target, 1e-5, 1.0, 16, 16 / 84, steps, accountant)
+        eps = Accountant(s).epsilon_after(steps)
+        assert target - 0.01 <= eps <= target  # close to the target, not wastefully noisy
+        assert s.sample_rate == pytest.approx(16 / 84)
+
+
+def test_a_kept_calibration_saves_the_search_but_is_checked_every_time(tmp_path, monkeypatch):
+    import dpseg.privacy as privacy
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    first = calibrate(1.0, 1e-5, 1.0, 16, 0.25, 900)
+    (kept,) = (tmp_path / "calibration").glob("*.json")
+    searches = []
+    real = privacy.noise_multiplier
+    monkeypatch.setattr(privacy, "noise_multiplier", lambda *a: searches.append(a) or real(*a))
+    assert calibrate(1.0, 1e-5, 1.0, 16, 0.25, 900) == first and searches == []  # kept: no search
+    for edited in (first.noise_multiplier * 0.9, first.noise_multiplier * 3, "x"):
+        kept.write_text(json.dumps({"noise_multiplier": edited}))  # too little noise, too much, nonsense
+        assert calibrate(1.0, 1e-5, 1.0, 16, 0.25, 900).noise_multiplier == pytest.approx(first.noise_multiplier)
+    assert len(searches) == 3  # each edited file was searched again, and the search result kept
+    assert json.loads(kept.read_text())["noise_multiplier"] == pytest.approx(first.noise_multiplier)
 
 
 def test_smaller_epsilon_needs_more_noise():

@@ -128,3 +128,15 @@ def test_audit_release_is_none_unless_the_site_chooses_aggregate(tmp_path, monke
     (tmp_path / "local" / "dpseg_site.json").write_text(json.dumps({"audit_release": True}))
     with pytest.raises(SiteConfigError, match="'audit_release' in .*dpseg_site.json=True"):
         audit_release(tmp_path)
+
+
+def test_the_audit_prior_folder_is_the_workspaces_unless_the_site_names_one(tmp_path, monkeypatch):
+    from dpseg.site import AUDIT_PRIOR_ENV, SITE_FILE, audit_prior_dir
+
+    monkeypatch.delenv(AUDIT_PRIOR_ENV, raising=False)
+    assert audit_prior_dir(tmp_path) == tmp_path / "audit_prior"
+    (tmp_path / SITE_FILE).parent.mkdir(parents=True)
+    (tmp_path / SITE_FILE).write_text(json.dumps({"audit_prior_dir": str(tmp_path / "shared")}))
+    assert audit_prior_dir(tmp_path) == tmp_path / "shared"
+    monkeypatch.setenv(AUDIT_PRIOR_ENV, str(tmp_path / "env"))
+    assert audit_prior_dir(tmp_path) == tmp_path / "env"  # the environment first, as for every site setting

@@ -422,7 +422,7 @@ class SiteAuditor(Executor):
 
     def _execute(self, shareable: Shareable, attack: dict, fl_ctx: FLContext) -> Shareable:
         from dpseg.learner import SIMULATOR_JOB_ID, site_folders
-        from dpseg.site import audit_release, load_site_settings
+        from dpseg.site import audit_prior_dir, audit_release, load_site_settings
 
         site = fl_ctx.get_identity_name()
         app_dir, root = site_folders(fl_ctx)
@@ -439,8 +439,8 @@ class SiteAuditor(Executor):
             self.log_info(fl_ctx, "loading the site's training slices for identification")
             self.cohort = Cohort(resolve(settings.datalist, "training"), bundle.volume_transforms())
         key = (attack.get("prior", "none"), attack.get("prior_components", AttackSettings.prior_components))
-        if key not in self.priors:  # built once per site workspace (kept in <site root>/audit_prior)
-            self.priors[key] = load_prior(key[0], root / "audit_prior", bundle.volume_transforms(), key[1],
+        if key not in self.priors:  # built once, kept in the site's audit_prior_dir
+            self.priors[key] = load_prior(key[0], audit_prior_dir(root), bundle.volume_transforms(), key[1],
                                           progress=lambda m: self.log_info(fl_ctx, m))
         rows: list[dict] = []
         for update in updates:

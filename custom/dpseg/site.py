@@ -167,6 +167,22 @@ def check_job_policy(settings: SiteSettings, dp: bool, target_epsilon: float) ->
                          f"({ENV['max_job_epsilon']} / 'max_job_epsilon'); this job asks for {target_epsilon:g}: refused")
 
 
+AUDIT_PRIOR_ENV = "DPSEG_AUDIT_PRIOR_DIR"
+AUDIT_PRIOR_KEY = "audit_prior_dir"
+AUDIT_PRIOR_DIR = "audit_prior"
+
+
+def audit_prior_dir(workspace_root: Path) -> Path:
+    """Where the site keeps the attacker's public prior that its audits build once
+    (``dpseg.prior``): ``$DPSEG_AUDIT_PRIOR_DIR``, else ``audit_prior_dir`` in
+    ``<workspace_root>/local/dpseg_site.json``, else ``<workspace_root>/audit_prior``. The prior is
+    built from public (synthetic) images only, so a folder shared by several workspaces (every
+    simulator run of a study) holds nothing of a site's patients."""
+    file_values, _ = _file_settings(workspace_root)
+    value = os.environ.get(AUDIT_PRIOR_ENV) or file_values.get(AUDIT_PRIOR_KEY)
+    return Path(value) if value else Path(workspace_root) / AUDIT_PRIOR_DIR
+
+
 AUDIT_RELEASE_ENV = "DPSEG_AUDIT_RELEASE"
 AUDIT_RELEASE_KEY = "audit_release"
 
