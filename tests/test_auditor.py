@@ -97,7 +97,7 @@ def test_privacy_bounds_for_the_slice_and_for_the_patient():
 
 
 def test_the_audit_workflow_takes_the_jobs_attack_and_refuses_what_sites_set():
-    from dpseg.auditor import AuditController
+    from dpseg.auditjob import AuditController
     from dpseg.jobs import job_attack
 
     assert AuditController(**job_attack()).attack == job_attack()
@@ -150,7 +150,8 @@ def _site_with_two_audited_rounds(bundle, cohort, root, release: str | None = No
 def _run_audit_task(fl_ctx, records, attack=TINY_ATTACK):
     from nvflare.apis.signal import Signal
 
-    from dpseg.auditor import SiteAuditor, audit_task
+    from dpseg.auditjob import audit_task
+    from dpseg.auditor import SiteAuditor
 
     return SiteAuditor().execute("audit", audit_task(records, attack), fl_ctx, Signal())
 
@@ -211,8 +212,8 @@ def test_a_site_that_releases_aggregates_sends_only_means_marked_not_dp_protecte
 def test_a_job_naming_a_prior_file_is_refused_before_the_site_reads_it(bundle, cohort, tmp_path, no_site_env):
     from nvflare.apis.fl_constant import ReturnCode
 
-    from dpseg.auditor import AuditController
-    from dpseg.learner import ERROR_HEADER
+    from dpseg.auditjob import AuditController
+    from dpseg.wire import ERROR_HEADER
 
     public = cohort / "site-2" / "datalist.json"  # a real datalist: the site must not read it for the job
     fl_ctx, records = _site_with_two_audited_rounds(bundle, cohort, tmp_path)

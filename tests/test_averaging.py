@@ -10,7 +10,8 @@ from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 
 from dpseg.averaging import averaged, checked_decay
-from dpseg.server import RESUME_FILE, BundlePersistor
+from dpseg.server import BundlePersistor
+from dpseg.wire import RESUME_FILE
 
 
 def test_the_average_starts_at_the_first_model_and_then_moves_by_one_minus_decay():

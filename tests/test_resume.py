@@ -5,7 +5,7 @@ import torch
 
 from conftest import REPO
 from dpseg.resume import RESUME_AVERAGE, RESUME_MODEL, ResumeError, resume_job
-from dpseg.server import RESUME_FILE, ROUNDS_FILE
+from dpseg.wire import RESUME_FILE, ROUNDS_FILE
 
 
 def _stopped_run(root, completed_round, end_round=5, average=None):

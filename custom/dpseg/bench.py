@@ -28,6 +28,7 @@ from opacus.optimizers import DPOptimizer
 from dpseg.bundle import Bundle
 from dpseg.dptrain import make_private
 from dpseg.securerandom import SecureRandom
+from dpseg.wire import ROUNDS_FILE
 
 DP_MODES = ("fast", "hooks", "functorch", "ew", "ghost")  # "fast": dpseg.fastdp, the default
 
@@ -238,7 +239,7 @@ def fl_scaling(site_counts: tuple[int, ...] = (1, 2, 4, 8), patients: int = 6, r
         if result.returncode != 0:
             rows.append({"sites": n, "error": f"simulator failed, see {root / 'simulator.log'}"})
             continue
-        recs = json.loads(next((root / "ws" / "server").rglob("dpseg_rounds.json")).read_text())[1:]
+        recs = json.loads(next((root / "ws" / "server").rglob(ROUNDS_FILE)).read_text())[1:]
         kept = site_rounds(root / "ws")  # each site's own record of its training time
         per_round = [r["seconds"] for r in recs]
         local = [max(kept[(s, r["round"])]["train_seconds"] for s in r["sites"]) for r in recs]

@@ -23,6 +23,7 @@ from dpseg.site import DEFAULT_TOTAL_DELTA
 JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
 SERVER_CONFIG = Path("app") / "config" / "config_fed_server.json"
 CLIENT_CONFIG = Path("app") / "config" / "config_fed_client.json"
+SITE_LEARNER = "dpseg.learner.SiteLearner"  # the executor the training jobs name at each site
 
 
 def job_attack(job: Path = JOBS_DIR / "fed_dp_audit") -> dict:
@@ -55,7 +56,7 @@ def configure_job(source: Path, dest: Path, server_args: dict | None = None, cli
         raise FileExistsError(f"{dest} exists")
     shutil.copytree(source, dest)
     for rel, variables, marker, extra in ((SERVER_CONFIG, server_args, "persistor", persistor_args),
-                                          (CLIENT_CONFIG, client_args, "dpseg.learner.SiteLearner", learner_args)):
+                                          (CLIENT_CONFIG, client_args, SITE_LEARNER, learner_args)):
         path = dest / rel
         config = json.loads(path.read_text())
         unknown = set(variables or {}) - set(config)

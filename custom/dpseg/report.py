@@ -17,11 +17,8 @@ import json
 from pathlib import Path
 
 from dpseg.auditresults import NOT_DP_NOTE, RELEASED_KEYS, SITE_RESULTS_FILE, find_site_results, read_site_results
-from dpseg.server import BUNDLE_OUT, ROUNDS_FILE
-from dpseg.wire import SITE_ROUNDS_FILE
+from dpseg.wire import AUDIT_FILE, BUNDLE_OUT, REJECTED_FILE, ROUNDS_FILE, SITE_ROUNDS_FILE
 
-AUDIT_FILE = "dpseg_audit.json"  # written by dpseg.auditor.AuditController
-REJECTED_FILE = "dpseg_rejected.json"  # written by dpseg.validation.UpdateValidator
 AUDIT_KEYS = ("ssim", "psnr", "mse", "identified", "patient_identified", "slice_rank", "patient_rank",
               "baseline_ssim", "baseline_identified", "baseline_patient_identified", "baseline_slice_rank", "chance",
               "patient_chance", "bound_eps_delta", "bound_gdp", "bound_patient_eps_delta", "bound_patient_gdp",

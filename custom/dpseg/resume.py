@@ -20,13 +20,12 @@ from pathlib import Path
 
 import torch
 
-from dpseg.jobs import CLIENT_CONFIG, SERVER_CONFIG, find_component
-from dpseg.server import RESUME_FILE, ROUNDS_FILE
+from dpseg.jobs import CLIENT_CONFIG, SERVER_CONFIG, SITE_LEARNER, find_component
+from dpseg.wire import RESUME_FILE, ROUNDS_FILE
 
 RESUME_MODEL = "resume/global_model.pt"
 RESUME_AVERAGE = "resume/average_model.pt"
 WORKFLOW = "ScatterAndGather"
-LEARNER = "dpseg.learner.SiteLearner"
 
 
 class ResumeError(RuntimeError):
@@ -104,7 +103,7 @@ def resume_job(run: Path, job: Path, out: Path) -> dict:
     persistor.setdefault("args", {})["resume_model"] = RESUME_MODEL
     if "average" in point:  # the job averages its global models: the average goes on too
         persistor["args"]["resume_average"] = RESUME_AVERAGE
-    _component(client, LEARNER, client_file).setdefault("args", {})["resume"] = entries
+    _component(client, SITE_LEARNER, client_file).setdefault("args", {})["resume"] = entries
 
     shutil.copytree(job, out)
     (out / SERVER_CONFIG).write_text(json.dumps(server, indent=4) + "\n")

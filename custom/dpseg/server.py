@@ -32,11 +32,9 @@ from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from dpseg.averaging import averaged, checked_decay
 from dpseg.bundle import Bundle
 from dpseg.files import write_whole
+from dpseg.wire import BUNDLE_OUT, RESUME_FILE, ROUNDS_FILE
 from dpseg.workspace import allow_list_refusal
 
-ROUNDS_FILE = "dpseg_rounds.json"
-BUNDLE_OUT = "bundle"
-RESUME_FILE = "dpseg_resume.pt"
 
 
 INITIAL_MODELS = ("bundle", "random")

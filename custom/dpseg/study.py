@@ -237,7 +237,7 @@ def simulate_complete(study: Study, job: Path, run: Path, env: dict, clients: li
     round that lacks a client's contribution (a site that timed out or died; ``run_simulator``
     already starts again a run whose workers the simulator mixed up) is run once more in a fresh
     workspace, and the second run's result is kept."""
-    from dpseg.server import ROUNDS_FILE
+    from dpseg.wire import ROUNDS_FILE
 
     for attempt in (1, 2):
         ws, log = (run / "ws", run / "simulator.log") if attempt == 1 else (run / "ws_rerun", run / "simulator_rerun.log")

@@ -27,9 +27,8 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
-from dpseg.wire import ERROR_HEADER
+from dpseg.wire import ERROR_HEADER, REJECTED_FILE
 
-REJECTED_FILE = "dpseg_rejected.json"
 REJECTED_HEADER = "dpseg_rejected"
 
 

@@ -10,6 +10,14 @@ covered by the DP guarantee, so it carries nothing that depends on the site's da
 from __future__ import annotations
 
 ERROR_HEADER = "dpseg_error"
+# the audit job's task (training and validation use NVFlare's AppConstants.TASK_TRAIN / TASK_VALIDATION)
+AUDIT_TASK = "audit"
+# files the server writes into its run folder (read by dpseg report, resume-job and the study)
+ROUNDS_FILE = "dpseg_rounds.json"  # dpseg.server.RoundRecorder: per round and site, what came with the update
+REJECTED_FILE = "dpseg_rejected.json"  # dpseg.validation.UpdateValidator: updates refused
+AUDIT_FILE = "dpseg_audit.json"  # dpseg.auditjob.AuditController: the sites' audit acknowledgements
+RESUME_FILE = "dpseg_resume.pt"  # dpseg.server.BundlePersistor: the resume point
+BUNDLE_OUT = "bundle"  # dpseg.server.BundlePersistor: the job's model as a copy of the bundle
 # per round, the site's own record of its training time and memory (in its job folder; never sent)
 SITE_ROUNDS_FILE = "dpseg_site_rounds.json"
 SITE_ERRORS = {

@@ -7,7 +7,7 @@ import shutil
 from conftest import datalist_items
 from dpseg.jobs import site_ledgers
 from dpseg.report import find_run_dir
-from dpseg.server import ROUNDS_FILE
+from dpseg.wire import ROUNDS_FILE
 from test_simulator import prepare_job, run_simulator
 
 

@@ -13,7 +13,7 @@ from dpseg.jobs import configure_job, site_ledgers
 from dpseg.jobs import run_simulator as simulate
 from dpseg.ledger import Ledger
 from dpseg.report import build_report
-from dpseg.server import RESUME_FILE
+from dpseg.wire import RESUME_FILE
 
 
 def prepare_job(name: str, dest: Path, rounds: int, server_args: dict | None = None, **client_args) -> Path:

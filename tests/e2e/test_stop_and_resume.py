@@ -10,7 +10,7 @@ from dpseg.jobs import run_simulator as simulate
 from dpseg.ledger import Ledger
 from dpseg.report import build_report
 from dpseg.resume import RESUME_MODEL
-from dpseg.server import RESUME_FILE
+from dpseg.wire import RESUME_FILE
 from test_failures import env_for
 from test_simulator import prepare_job, run_simulator
 
