@@ -13,8 +13,9 @@ def _stopped_run(root, completed_round, end_round=5, average=None):
     app.mkdir(parents=True)
     point = {"completed_round": completed_round, "end_round": end_round, "model": {"w": torch.ones(2)}}
     torch.save(point if average is None else {**point, "average": average}, app / RESUME_FILE)
-    rounds = [{"round": 0, "sites": {"site-1": {"privacy": {"ledger_entry": "simulate_job-a"}},
-                                     "site-2": {"privacy": {"ledger_entry": "simulate_job-b"}}}}]
+    facts = {"dp": True, "epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.0, "sample_rate": 0.5, "steps": 2}
+    rounds = [{"round": 0, "sites": {"site-1": {"privacy": {**facts, "ledger_entry": "simulate_job-a"}},
+                                     "site-2": {"privacy": {**facts, "ledger_entry": "simulate_job-b"}}}}]
     (app.parent / ROUNDS_FILE).write_text(json.dumps(rounds))
     return root
 

@@ -6,7 +6,8 @@ import pytest
 from dpseg.validation import update_problem
 
 SHAPES = {"conv.weight": (4, 1, 3, 3), "conv.bias": (4,)}
-DP_META = {"privacy": {"dp": True, "epsilon": 2.5, "delta": 1e-5}}
+FACTS = {"dp": True, "epsilon": 2.5, "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.25, "steps": 24}
+DP_META = {"privacy": FACTS}
 
 
 def good():
@@ -33,10 +34,15 @@ def test_damaged_updates_are_rejected(damage, reason):
 
 @pytest.mark.parametrize("meta, reason", [
     ({}, "no privacy meta"),
-    ({"privacy": {"dp": False, "unit": "patient"}}, "no privacy meta"),
+    ({"privacy": None}, "no privacy meta"),
+    ({"privacy": {"dp": False, "unit": "patient"}}, "without DP"),
     ({"privacy": {"dp": False, "epsilon": 1.0}}, "without DP"),
-    ({"privacy": {"dp": True, "epsilon": 8.01}}, "above the job's target 8.0"),
-    ({"privacy": {"dp": True, "epsilon": float("nan")}}, "above the job's target"),
+    ({"privacy": {**FACTS, "epsilon": 8.01}}, "above the job's target 8.0"),
+    ({"privacy": {**FACTS, "epsilon": float("nan")}}, "above the job's target"),
+    ({"privacy": {"dp": True, "epsilon": 2.5}}, "unreadable privacy meta: privacy meta of a DP update without"),
+    ({"privacy": {**FACTS, "patients": 40}}, "unknown key(s) ['patients']"),  # nothing beyond the documented facts
+    ({"privacy": {**FACTS, "steps": "24"}}, "steps must be a int"),
+    ({"privacy": [1, 2]}, "must be a mapping"),
 ])
 def test_dp_job_updates_need_their_privacy_meta_within_the_target(meta, reason):
     assert reason in update_problem(good(), meta, SHAPES, require_privacy=True, max_epsilon=8.0)

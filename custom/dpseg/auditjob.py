@@ -40,7 +40,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from dpseg.auditresults import KEPT_NOTE, received
 from dpseg.inversion import AttackSettings
 from dpseg.prior import PRIOR_SPECS
-from dpseg.wire import AUDIT_FILE, AUDIT_TASK, ERROR_HEADER
+from dpseg.wire import AUDIT_FILE, AUDIT_TASK, ERROR_HEADER, PRIVACY_META, TRAINING_META
 
 INTERCEPT_DIR = "intercepted"
 
@@ -101,7 +101,7 @@ def task_updates(dxo: DXO) -> list[dict]:
         if isinstance(r, bool) or not isinstance(r, int) or r < 0:
             raise ValueError(f"audit task: round {r!r} is not a round number")
         tensors = dxo.data[round_key(r)]
-        out.append({"round": r, "privacy": entry.get("privacy"), "training": entry.get("training") or {},
+        out.append({"round": r, "privacy": entry.get(PRIVACY_META), "training": entry.get(TRAINING_META) or {},
                     **{part: {k: torch.as_tensor(np.asarray(v)) for k, v in tensors[part].items()}
                        for part in ("update", "global")}})
     return sorted(out, key=lambda u: u["round"])
@@ -144,7 +144,7 @@ class UpdateInterceptor(FLComponent):
         record = {"site": site, "round": current_round,
                   "update": {k: torch.as_tensor(np.asarray(v)) for k, v in dxo.data.items()},
                   "global": {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()},
-                  "meta": {"privacy": dxo.get_meta_prop("privacy"), "training": dxo.get_meta_prop("training")}}
+                  "meta": {PRIVACY_META: dxo.get_meta_prop(PRIVACY_META), TRAINING_META: dxo.get_meta_prop(TRAINING_META)}}
         self.folder.mkdir(parents=True, exist_ok=True)
         torch.save(record, self.folder / f"round{current_round}_{site}.pt")
         self.log_info(fl_ctx, f"intercepted the update of {site} in round {current_round}")

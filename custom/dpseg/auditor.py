@@ -45,7 +45,7 @@ from dpseg.metrics import mse, psnr, ranking, ssim
 from dpseg.prior import ImagePrior, load_prior
 from dpseg.privacy import reconstruction_bound_eps_delta, reconstruction_bound_gdp
 from dpseg.slices import Cohort
-from dpseg.wire import AUDIT_TASK, ERROR_HEADER, error_header
+from dpseg.wire import AUDIT_TASK, ERROR_HEADER, PrivacyMeta, error_header
 from dpseg.workspace import allow_list_refusal
 
 AUDIT_LOG = "audit.log"  # in the site's audit folder
@@ -145,17 +145,16 @@ def privacy_bounds(privacy: dict | None, chance: float | None, patient_chance: f
     """DP facts of the audited update and, with chance levels, the bounds on identification of the
     slice (``chance``: 1 / slices) and of the patient (``patient_chance``: 1 / patients; the DP unit
     is a patient, so the same bounds hold with the patient as the thing to identify)."""
-    if not privacy or not privacy.get("dp"):
+    meta = PrivacyMeta.from_dict(privacy) if privacy else None
+    if meta is None or not meta.dp:
         return {"dp": False}
-    out = {"dp": True, "epsilon": privacy["epsilon"], "delta": privacy["delta"],
-           "noise_multiplier": privacy["noise_multiplier"], "sample_rate": privacy["sample_rate"],
-           "steps": privacy["steps"]}
+    out = {"dp": True, "epsilon": meta.epsilon, "delta": meta.delta, "noise_multiplier": meta.noise_multiplier,
+           "sample_rate": meta.sample_rate, "steps": meta.steps}
     for unit, baseline in (("", chance), ("_patient", patient_chance)):
         if baseline is not None:
-            out[f"bound{unit}_eps_delta"] = reconstruction_bound_eps_delta(privacy["epsilon"], privacy["delta"],
-                                                                           baseline)
-            out[f"bound{unit}_gdp"] = reconstruction_bound_gdp(privacy["noise_multiplier"], privacy["sample_rate"],
-                                                               privacy["steps"], baseline)
+            out[f"bound{unit}_eps_delta"] = reconstruction_bound_eps_delta(meta.epsilon, meta.delta, baseline)
+            out[f"bound{unit}_gdp"] = reconstruction_bound_gdp(meta.noise_multiplier, meta.sample_rate, meta.steps,
+                                                               baseline)
     return out
 
 

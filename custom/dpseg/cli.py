@@ -263,6 +263,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from dpseg.datalist import resolve
     from dpseg.prior import PRIOR_SPECS, load_prior, prior_from_datalist
     from dpseg.slices import Cohort
+    from dpseg.wire import PRIVACY_META, TRAINING_META
 
     record = _load_torch(args.update, "update")
     meta = {}
@@ -283,7 +284,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         return 2
     bundle = Bundle()
     given = {"local_steps": args.local_steps, "learning_rate": args.local_lr, "batch_size": args.batch_size}
-    training = {**(meta.get("training") or {}), **{k: v for k, v in given.items() if v}}
+    training = {**(meta.get(TRAINING_META) or {}), **{k: v for k, v in given.items() if v}}
     settings = attack_settings(training, iterations=args.iterations, restarts=args.restarts, label=args.label,
                                simulate=args.simulate, seed=args.seed, prior=args.prior,
                                prior_components=args.prior_components, prior_candidates=args.prior_candidates,
@@ -310,7 +311,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(f"loading the training slices of {args.datalist} for identification", flush=True)
         cohort = Cohort(resolve(Path(args.datalist), "training"), bundle.volume_transforms())
     metrics = audit_update(network, bundle.loss(), update, settings, batch["images"], batch["labels"], cohort,
-                           batch.get("patients"), meta.get("privacy"), Path(args.out) if args.out else None,
+                           batch.get("patients"), meta.get(PRIVACY_META), Path(args.out) if args.out else None,
                            progress=lambda m: print(m, flush=True), prior=prior)
     print(json.dumps(metrics, indent=1))
     if args.json:

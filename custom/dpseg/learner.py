@@ -53,7 +53,7 @@ from dpseg.metrics import dice
 from dpseg.privacy import Accountant, PrivacyError, calibrate, check_cohort, continue_accountant
 from dpseg.securerandom import SecureRandom
 from dpseg.site import JobRefused, SiteConfigError, check_job_policy, load_site_settings
-from dpseg.wire import ERROR_HEADER, SITE_ROUNDS_FILE, error_header
+from dpseg.wire import ERROR_HEADER, PRIVACY_META, SITE_ROUNDS_FILE, TRAINING_META, PrivacyMeta, error_header
 from dpseg.workspace import allow_list_refusal
 
 THREADS_ENV = "DPSEG_TORCH_THREADS"
@@ -340,7 +340,7 @@ class SiteLearner(Executor):
         if self.dp:
             if self.accountant is None:
                 self._start_privacy(num_rounds, fl_ctx)
-            self.accountant.settings.check_same(**(dxo.get_meta_prop("privacy") or {}))
+            self.accountant.settings.check_same(**(dxo.get_meta_prop(PRIVACY_META) or {}))
             if self.accountant.steps + self.local_steps > self.accountant.settings.steps:
                 raise PrivacyError(f"round {current_round}: this site has spent {self.accountant.steps} of the "
                                    f"{self.accountant.settings.steps} steps it calibrated for (ledger entry "
@@ -370,15 +370,15 @@ class SiteLearner(Executor):
         # every value here is public by design or about validation patients (see the module docstring);
         # the round's time, memory, realised batch sizes and training loss stay in the site's log
         meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: self.local_steps, MetaKey.INITIAL_METRICS: val,
-                "privacy": self._privacy_meta(), "training": self._training_meta()}
-        spent = f"epsilon {meta['privacy']['epsilon']:.3f}" if self.dp else "no DP"
+                PRIVACY_META: self._privacy_meta(), TRAINING_META: self._training_meta()}
+        spent = f"epsilon {meta[PRIVACY_META]['epsilon']:.3f}" if self.dp else "no DP"
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.log_info(fl_ctx, f"{self.site}: round {current_round}: {stats.steps} steps in {seconds:.1f} s, peak "
                               f"memory {peak_mb:.0f} MB (kept at the site), val Dice {val['val_dice']:.4f}, {spent}")
         self.log_debug(fl_ctx, f"{self.site}: round {current_round}: local train loss {stats.mean_loss:.4f}, "
                                f"{stats.samples} patients in {stats.steps} steps (kept at the site)")
         self._keep_round_record(current_round, seconds, peak_mb)
-        self._track(current_round, val, meta["privacy"])
+        self._track(current_round, val, meta[PRIVACY_META])
         return DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
 
     def _keep_round_record(self, current_round: int, seconds: float, peak_mb: float) -> None:
@@ -397,14 +397,13 @@ class SiteLearner(Executor):
 
     def _privacy_meta(self) -> dict:
         if not self.dp:
-            return {"dp": False, "unit": "patient"}
+            return PrivacyMeta(dp=False).to_dict()
         s = self.accountant.settings
-        return {"dp": True, "unit": "patient", "adjacency": s.adjacency, "epsilon": self.accountant.epsilon(),
-                "delta": s.delta,
-                "target_epsilon": s.target_epsilon, "noise_multiplier": s.noise_multiplier,
-                "sample_rate": s.sample_rate, "steps": self.accountant.steps, "planned_steps": s.steps,
-                "max_grad_norm": s.max_grad_norm, "batch_size": s.batch_size, "accountant": s.accountant,
-                "ledger_entry": self.ledger_entry}
+        return PrivacyMeta(dp=True, adjacency=s.adjacency, epsilon=float(self.accountant.epsilon()), delta=s.delta,
+                           target_epsilon=s.target_epsilon, noise_multiplier=s.noise_multiplier,
+                           sample_rate=s.sample_rate, steps=self.accountant.steps, planned_steps=s.steps,
+                           max_grad_norm=s.max_grad_norm, batch_size=s.batch_size, accountant=s.accountant,
+                           ledger_entry=self.ledger_entry).to_dict()
 
     def _save_privacy_state(self) -> None:
         self.ledger.record(self.ledger_entry, self.accountant)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dpseg.jobs import CLIENT_CONFIG, SERVER_CONFIG, SITE_LEARNER, find_component
-from dpseg.wire import RESUME_FILE, ROUNDS_FILE
+from dpseg.wire import RESUME_FILE, ROUNDS_FILE, PrivacyMeta
 
 RESUME_MODEL = "resume/global_model.pt"
 RESUME_AVERAGE = "resume/average_model.pt"
@@ -49,7 +49,8 @@ def ledger_entries(rounds_file: Path) -> dict[str, str]:
     entries: dict[str, str] = {}
     for rec in json.loads(rounds_file.read_text()):
         for site, contribution in rec.get("sites", {}).items():
-            entry = (contribution.get("privacy") or {}).get("ledger_entry")
+            privacy = contribution.get("privacy")
+            entry = PrivacyMeta.from_dict(privacy).ledger_entry if privacy else None
             if entry:
                 entries[site] = entry
     return entries

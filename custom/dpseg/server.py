@@ -32,7 +32,7 @@ from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
 from dpseg.averaging import averaged, checked_decay
 from dpseg.bundle import Bundle
 from dpseg.files import write_whole
-from dpseg.wire import BUNDLE_OUT, RESUME_FILE, ROUNDS_FILE
+from dpseg.wire import BUNDLE_OUT, PRIVACY_META, RESUME_FILE, ROUNDS_FILE
 from dpseg.workspace import allow_list_refusal
 
 
@@ -194,7 +194,7 @@ class RoundRecorder(FLComponent):
         except ValueError:
             return
         rec["sites"][site] = {
-            "privacy": dxo.get_meta_prop("privacy"),
+            "privacy": dxo.get_meta_prop(PRIVACY_META),
             "metrics": dxo.get_meta_prop(MetaKey.INITIAL_METRICS),
             "steps": dxo.get_meta_prop(MetaKey.NUM_STEPS_CURRENT_ROUND),
             "meta": json.loads(json.dumps(dxo.meta or {}, default=str)),  # everything the update carried besides weights

@@ -263,6 +263,7 @@ def arm_folder(study: Study, arm: Arm, seed: int) -> Path:
 def train_arm(study: Study, arm: Arm, seed: int) -> dict:
     """Train one arm in the simulator and score its best global model on every site's test split."""
     from dpseg.report import build_report
+    from dpseg.wire import PrivacyMeta
 
     g = study.grid
     run = arm_folder(study, arm, seed)
@@ -295,7 +296,8 @@ def train_arm(study: Study, arm: Arm, seed: int) -> dict:
         if model is None:
             raise RuntimeError(f"{arm.name}, seed {seed}: no global model in {ws}")
     dice = score_model(model, study)
-    eps = [s["privacy"]["epsilon"] for s in report["sites"].values() if (s.get("privacy") or {}).get("dp")]
+    metas = [PrivacyMeta.from_dict(s["privacy"]) for s in report["sites"].values() if s.get("privacy")]
+    eps = [m.epsilon for m in metas if m.dp]
     return keep(run, g, {
         "arm": arm.name, "kind": arm.kind, "epsilon": arm.epsilon, "start": arm.start, "ablation": arm.ablation,
         "seed": seed, "model": which,

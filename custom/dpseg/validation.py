@@ -27,7 +27,7 @@ from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.app_common.abstract.model import ModelLearnableKey
 from nvflare.app_common.app_constant import AppConstants
 
-from dpseg.wire import ERROR_HEADER, REJECTED_FILE
+from dpseg.wire import ERROR_HEADER, PRIVACY_META, REJECTED_FILE, PrivacyMeta
 
 REJECTED_HEADER = "dpseg_rejected"
 
@@ -57,13 +57,16 @@ def update_problem(data: dict, meta: dict, shapes: dict[str, tuple], require_pri
         if not np.all(np.isfinite(array)):
             return f"non-finite values (NaN or Inf) in {name}"
     if require_privacy:
-        privacy = meta.get("privacy")
-        if not isinstance(privacy, dict) or "epsilon" not in privacy:
+        if meta.get(PRIVACY_META) is None:
             return "no privacy meta (epsilon spent) in an update of a DP job"
-        if privacy.get("dp") is not True:
+        try:
+            privacy = PrivacyMeta.from_dict(meta[PRIVACY_META])
+        except (TypeError, ValueError) as err:
+            return f"unreadable privacy meta: {err}"
+        if not privacy.dp:
             return "an update trained without DP in a DP job"
-        if max_epsilon is not None and not float(privacy["epsilon"]) <= max_epsilon:
-            return f"epsilon {privacy['epsilon']} above the job's target {max_epsilon}"
+        if max_epsilon is not None and not privacy.epsilon <= max_epsilon:
+            return f"epsilon {privacy.epsilon} above the job's target {max_epsilon}"
     return None
 
 

@@ -9,6 +9,8 @@ covered by the DP guarantee, so it carries nothing that depends on the site's da
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, fields
+
 ERROR_HEADER = "dpseg_error"
 # the audit job's task (training and validation use NVFlare's AppConstants.TASK_TRAIN / TASK_VALIDATION)
 AUDIT_TASK = "audit"
@@ -32,3 +34,68 @@ SITE_ERRORS = {
 def error_header(code: str) -> str:
     """The ERROR_HEADER value of a site error ``code`` (a key of SITE_ERRORS)."""
     return f"{code}: {SITE_ERRORS[code]}"
+
+
+# the meta keys of an update (beside NVFlare's own): its privacy facts and its public training settings
+PRIVACY_META = "privacy"
+TRAINING_META = "training"
+
+
+@dataclass(frozen=True)
+class PrivacyMeta:
+    """What a site sends about its privacy with every update (meta ``PRIVACY_META``); the server's
+    update filter, the round recorder, the report, resume-job, the study and the audit read it.
+
+    dp: trained with DP; unit: the privacy unit ("patient"); without DP nothing else. With DP:
+    adjacency (the neighbouring relation the accountant bounds), epsilon (spent so far in the job,
+    patient level), delta, target_epsilon, noise_multiplier, sample_rate (public Poisson rate per
+    patient), steps (so far) and planned_steps (the job's), max_grad_norm (L2 clip), batch_size
+    (the public expected batch), accountant ("prv" or "rdp"), ledger_entry (the site's ledger
+    entry of this job, which resume-job continues)."""
+
+    dp: bool
+    unit: str = "patient"
+    adjacency: str | None = None
+    epsilon: float | None = None
+    delta: float | None = None
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    steps: int | None = None
+    planned_steps: int | None = None
+    max_grad_norm: float | None = None
+    batch_size: int | None = None
+    accountant: str | None = None
+    ledger_entry: str | None = None
+
+    def __post_init__(self):
+        kinds = {"dp": bool, "unit": str, "adjacency": str, "accountant": str, "ledger_entry": str,
+                 "steps": int, "planned_steps": int, "batch_size": int}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = kinds.get(f.name, float)
+            if value is None and f.name != "dp":
+                continue
+            ok = isinstance(value, str) if kind is str else isinstance(value, bool) if kind is bool else \
+                isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+            if not ok:
+                raise ValueError(f"privacy meta: {f.name} must be a {kind.__name__}, got {value!r}")
+        if self.dp and any(getattr(self, k) is None for k in ("epsilon", "delta", "noise_multiplier", "sample_rate",
+                                                              "steps")):
+            raise ValueError("privacy meta of a DP update without its epsilon, delta, noise, sample rate or steps")
+
+    def to_dict(self) -> dict:
+        """The meta as sent: every field that is set."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, value: object) -> "PrivacyMeta":
+        """The meta a site sent; ValueError naming the problem where it is not one (not a mapping,
+        an unknown key, a value of the wrong type, a DP update without its facts)."""
+        if not isinstance(value, dict):
+            raise ValueError(f"privacy meta must be a mapping, got {type(value).__name__}")
+        if unknown := sorted(set(value) - {f.name for f in fields(cls)}):
+            raise ValueError(f"privacy meta: unknown key(s) {unknown[:3]}")
+        if "dp" not in value:
+            raise ValueError("privacy meta without 'dp'")
+        return cls(**value)
