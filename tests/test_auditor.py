@@ -227,3 +227,21 @@ def test_a_job_naming_a_prior_file_is_refused_before_the_site_reads_it(bundle, c
         AuditController(prior=str(public))
     with pytest.raises(TypeError, match="attack_prior_components .* must be a plain int"):
         AuditController(prior_components="1/../x")
+
+
+def test_the_audit_jobs_attack_is_the_attacks_defaults_and_dpseg_audit_adds_none_of_its_own():
+    from dataclasses import fields
+
+    from dpseg.auditjob import SITE_SET
+    from dpseg.cli import AUDIT_OPTIONS, build_parser
+    from dpseg.inversion import AttackSettings
+    from dpseg.jobs import job_attack
+
+    defaults = {f.name: f.default for f in fields(AttackSettings)}
+    job = job_attack()
+    assert job == {k: defaults[k] for k in job}, {k: (v, defaults[k]) for k, v in job.items() if v != defaults[k]}
+    assert {"iterations", "prior", "noise", "refine_iterations", "warp_grid"} <= set(job)
+    # dpseg audit: every attack option it offers is a field, and none has a default of its own
+    args = build_parser().parse_args(["audit", "--update", "u.pt", "--data", "d.pt"])
+    assert set(AUDIT_OPTIONS) <= set(defaults) - set(SITE_SET)
+    assert all(getattr(args, k) is None for k in AUDIT_OPTIONS)

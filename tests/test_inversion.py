@@ -25,6 +25,15 @@ class SmallSegNet(torch.nn.Module):
         return self.dense(h.flatten(1)).view(-1, 2, SIZE, SIZE)
 
 
+# the attacks these tests build: the canonical audit's settings without its extras (no prior, no
+# noise averaging, no refinement, no warp) unless a test names them
+PLAIN = {"prior": "none", "noise": 0.0, "refine_iterations": 0, "warp_grid": 0}
+
+
+def plain_attack(**settings) -> AttackSettings:
+    return AttackSettings(**{**PLAIN, **settings})
+
+
 def phantom(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A 16 x 16 'slice': dark background, a body disc, a bright 'liver' blob; and its mask."""
     g = torch.Generator().manual_seed(seed)
@@ -59,7 +68,7 @@ def test_attack_recovers_an_image_from_an_unnoised_single_step_update(setting):
     net, loss_fn = setting
     x, y = phantom(1)
     update = one_step_update(net, loss_fn, x, y, lr=0.01)
-    settings = AttackSettings(iterations=300, restarts=1, step_size=0.05, tv_weight=0.01)
+    settings = plain_attack(iterations=300, restarts=1, step_size=0.05, tv_weight=0.01)
     rec = invert(net, loss_fn, update, settings, (SIZE, SIZE), label=y)
     baseline = ssim(rec.initial[0, 0].numpy(), x[0, 0].numpy())
     assert ssim(rec.images[0, 0].numpy(), x[0, 0].numpy()) > 0.8 > baseline + 0.3
@@ -70,7 +79,7 @@ def test_dp_noise_defeats_the_attack(setting):
     net, loss_fn = setting
     x, y = phantom(1)
     update = one_step_update(net, loss_fn, x, y, lr=0.01, clip=1.0, noise=1.0)
-    settings = AttackSettings(iterations=300, restarts=1, step_size=0.05, tv_weight=0.01)
+    settings = plain_attack(iterations=300, restarts=1, step_size=0.05, tv_weight=0.01)
     rec = invert(net, loss_fn, update, settings, (SIZE, SIZE), label=y)
     assert ssim(rec.images[0, 0].numpy(), x[0, 0].numpy()) < 0.3
 
@@ -79,7 +88,7 @@ def test_joint_label_mode_returns_a_binary_mask(setting):
     net, loss_fn = setting
     x, y = phantom(2)
     update = one_step_update(net, loss_fn, x, y, lr=0.01)
-    rec = invert(net, loss_fn, update, AttackSettings(iterations=20, restarts=2, label="joint"), (SIZE, SIZE))
+    rec = invert(net, loss_fn, update, plain_attack(iterations=20, restarts=2, label="joint"), (SIZE, SIZE))
     assert rec.labels.shape == y.shape and set(rec.labels.unique().tolist()) <= {0.0, 1.0}
     assert rec.iterations == 40
 
@@ -167,7 +176,7 @@ def public_prior():
 
 
 def _prior_attack(net, loss_fn, update, y, prior):
-    settings = AttackSettings(iterations=100, restarts=2, step_size=0.05, prior="public", prior_components=40,
+    settings = plain_attack(iterations=100, restarts=2, step_size=0.05, prior="public", prior_components=40,
                               prior_candidates=20, prior_spread=20)
     return invert(net, loss_fn, update, settings, (SIZE, SIZE), label=y, prior=prior)
 
@@ -178,7 +187,7 @@ def _prior_variants(setting, x, y, prior, iterations: int, variants: dict) -> di
     net, loss_fn = setting
     update = one_step_update(net, loss_fn, x, y, lr=0.01)
     return {name: invert(net, loss_fn, update,
-                         AttackSettings(iterations=iterations, restarts=1, prior="public", prior_components=40,
+                         plain_attack(iterations=iterations, restarts=1, prior="public", prior_components=40,
                                         prior_candidates=20, prior_spread=20, **extra),
                          (SIZE, SIZE), label=y, prior=prior)
             for name, extra in variants.items()}
@@ -236,11 +245,11 @@ def test_prior_settings_must_agree(setting, public_prior):
     x, y = two_organ_phantom(1)
     update = one_step_update(net, loss_fn, x, y, lr=0.01)
     with pytest.raises(ValueError, match="ImagePrior"):
-        invert(net, loss_fn, update, AttackSettings(iterations=1, prior="synthetic"), (SIZE, SIZE), label=y)
+        invert(net, loss_fn, update, plain_attack(iterations=1, prior="synthetic"), (SIZE, SIZE), label=y)
     with pytest.raises(ValueError, match="ImagePrior"):
-        invert(net, loss_fn, update, AttackSettings(iterations=1), (SIZE, SIZE), label=y, prior=public_prior)
+        invert(net, loss_fn, update, plain_attack(iterations=1), (SIZE, SIZE), label=y, prior=public_prior)
     with pytest.raises(ValueError, match="prior's slices"):
-        invert(net, loss_fn, update, AttackSettings(iterations=1, prior="public"), (8, 8), label=y[..., :8, :8],
+        invert(net, loss_fn, update, plain_attack(iterations=1, prior="public"), (8, 8), label=y[..., :8, :8],
                prior=public_prior)
 
 
@@ -249,7 +258,7 @@ def test_prior_attack_estimates_the_training_intensity_shift(setting, public_pri
     x, y = two_organ_phantom(2)
     shifted = x + 0.04  # training's random intensity shift (the bundle's RandShiftIntensityd)
     update = one_step_update(net, loss_fn, shifted, y, lr=0.01)
-    settings = AttackSettings(iterations=100, restarts=2, prior="public", prior_components=40, prior_candidates=20,
+    settings = plain_attack(iterations=100, restarts=2, prior="public", prior_components=40, prior_candidates=20,
                               prior_spread=20, intensity_shift=0.05)
     rec = invert(net, loss_fn, update, settings, (SIZE, SIZE), label=y, prior=public_prior)
     assert abs(float(rec.shifts[0]) - 0.04) < 0.01, rec.shifts
@@ -263,7 +272,7 @@ def test_prior_attack_with_a_joint_label_estimates_a_binary_mask(setting, public
     net, loss_fn = setting
     x, y = two_organ_phantom(3)
     update = one_step_update(net, loss_fn, x, y, lr=0.01)
-    settings = AttackSettings(iterations=5, restarts=2, label="joint", prior="public", prior_components=40,
+    settings = plain_attack(iterations=5, restarts=2, label="joint", prior="public", prior_components=40,
                               prior_candidates=0, prior_spread=10)
     rec = invert(net, loss_fn, update, settings, (SIZE, SIZE), prior=public_prior)
     assert rec.labels.shape == y.shape and set(rec.labels.unique().tolist()) <= {0.0, 1.0}
@@ -277,7 +286,7 @@ def test_noise_averaging_adds_noise_in_the_body_only_and_scores_with_fixed_draws
     x, y = two_organ_phantom(1)
     shifted = x + 0.03  # air at a training shift, not at 0
     update = one_step_update(net, loss_fn, shifted, y, lr=0.01)
-    settings = AttackSettings(noise=0.05, noise_draws=3)
+    settings = plain_attack(noise=0.05, noise_draws=3)
     matching = Matching(net, loss_fn, update, settings, (SIZE, SIZE), torch.Generator().manual_seed(0))
     copies, targets = matching.noisy(shifted, y, 3, torch.Generator().manual_seed(1))
     assert copies.shape == (3, 1, SIZE, SIZE) and targets.shape == (3, 1, SIZE, SIZE)
@@ -288,7 +297,7 @@ def test_noise_averaging_adds_noise_in_the_body_only_and_scores_with_fixed_draws
     assert matching.exact_loss(shifted, y) == matching.exact_loss(shifted, y)  # the same draws each time
     many, _ = matching.noisy(shifted, y, EXACT_DRAWS, torch.Generator())
     assert many.shape[0] == EXACT_DRAWS
-    plain = Matching(net, loss_fn, update, AttackSettings(), (SIZE, SIZE), torch.Generator().manual_seed(0))
+    plain = Matching(net, loss_fn, update, plain_attack(), (SIZE, SIZE), torch.Generator().manual_seed(0))
     same, _ = plain.noisy(shifted, y, 3, torch.Generator())
     assert same is shifted and plain.exact_loss(shifted, y) < 1e-4  # noise 0: the plain update, matched exactly
 

@@ -256,6 +256,10 @@ def _load_torch(path: str, what: str):
         raise SystemExit(f"error: cannot read {what} {path}: {err}")
 
 
+AUDIT_OPTIONS = ("iterations", "restarts", "label", "simulate", "seed", "prior", "prior_components", "prior_candidates",
+                 "noise", "noise_draws", "refine_iterations", "warp_grid", "warp_step")  # AttackSettings fields
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     """Attack one saved update outside NVFlare and score it against the site's true batch."""
     from dpseg.auditor import attack_settings, audit_update
@@ -285,19 +289,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
     bundle = Bundle()
     given = {"local_steps": args.local_steps, "learning_rate": args.local_lr, "batch_size": args.batch_size}
     training = {**(meta.get(TRAINING_META) or {}), **{k: v for k, v in given.items() if v}}
-    settings = attack_settings(training, iterations=args.iterations, restarts=args.restarts, label=args.label,
-                               simulate=args.simulate, seed=args.seed, prior=args.prior,
-                               prior_components=args.prior_components, prior_candidates=args.prior_candidates,
-                               noise=args.noise, noise_draws=args.noise_draws,
-                               refine_iterations=args.refine_iterations, warp_grid=args.warp_grid,
-                               warp_step=args.warp_step, intensity_shift=bundle.intensity_shift())
+    # what the operator left out is the canonical audit's (AttackSettings' defaults)
+    chosen = {k: getattr(args, k) for k in AUDIT_OPTIONS if getattr(args, k) is not None}
+    settings = attack_settings(training, **chosen, intensity_shift=bundle.intensity_shift())
     with tempfile.TemporaryDirectory() as scratch:
         try:
-            if args.prior in PRIOR_SPECS:
-                prior = load_prior(args.prior, Path(args.prior_dir or args.out or scratch), bundle.volume_transforms(),
-                                   args.prior_components, progress=lambda m: print(m, flush=True))
-            elif Path(args.prior).is_file():  # this operator's own public datalist (a job can name none)
-                prior = prior_from_datalist(Path(args.prior), bundle.volume_transforms(), args.prior_components)
+            if settings.prior in PRIOR_SPECS:
+                prior = load_prior(settings.prior, Path(args.prior_dir or args.out or scratch), bundle.volume_transforms(),
+                                   settings.prior_components, progress=lambda m: print(m, flush=True))
+            elif Path(settings.prior).is_file():  # this operator's own public datalist (a job can name none)
+                prior = prior_from_datalist(Path(settings.prior), bundle.volume_transforms(), settings.prior_components)
             else:
                 raise ValueError(f"--prior {args.prior}: neither a built-in prior ({', '.join(PRIOR_SPECS)}) nor a "
                                  "public datalist file")
@@ -440,29 +441,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datalist", help="the site's datalist: identify the reconstruction among all its training slices")
     p.add_argument("--out", help="folder for the reconstruction, the truth and comparison.png")
     p.add_argument("--json", help="also write the metrics to this JSON file")
-    p.add_argument("--iterations", type=int, default=300, help="per restart (default 300; 2000 suits --prior none)")
-    p.add_argument("--restarts", type=int, default=1)
-    p.add_argument("--prior", default="synthetic",
+    # the attack's options default to the canonical audit's (dpseg.inversion.AttackSettings, as the audit
+    # job): left out here, filled in by cmd_audit, so that the values live in one place
+    p.add_argument("--iterations", type=int, help="per restart (default: the canonical audit's, 300; 2000 suits --prior none)")
+    p.add_argument("--restarts", type=int)
+    p.add_argument("--prior",
                    help="the attacker's public image prior: 'synthetic' (a public synthetic cohort, seed of its own; "
                         "default), 'none' (search pixels), or a public datalist")
-    p.add_argument("--prior-components", type=int, default=256)
-    p.add_argument("--prior-candidates", type=int, default=20,
-                   help="public slices with the masks closest to the known one, ranked as starting points (default 20)")
-    p.add_argument("--noise", type=float, default=0.03,
+    p.add_argument("--prior-components", type=int)
+    p.add_argument("--prior-candidates", type=int,
+                   help="public slices with the masks closest to the known one, ranked as starting points")
+    p.add_argument("--noise", type=float,
                    help="image noise the attacker assumes in the site's slices (window units; 0: match the plain update)")
-    p.add_argument("--noise-draws", type=int, default=4, help="noisy copies averaged per iteration (default 4)")
-    p.add_argument("--refine-iterations", type=int, default=200,
-                   help="last stage of the prior search: pixels inside the body (default 200; 0: none)")
-    p.add_argument("--warp-grid", type=int, default=6,
-                   help="control points per side of a smooth deformation of the prior's image (default 6; 0: none)")
-    p.add_argument("--warp-step", type=float, default=0.01, help="the deformation's Adam step (default 0.01)")
+    p.add_argument("--noise-draws", type=int, help="noisy copies averaged per iteration")
+    p.add_argument("--refine-iterations", type=int, help="last stage of the prior search: pixels inside the body (0: none)")
+    p.add_argument("--warp-grid", type=int, help="control points per side of a smooth deformation of the prior's image (0: none)")
+    p.add_argument("--warp-step", type=float, help="the deformation's Adam step")
     p.add_argument("--prior-dir", help="where the synthetic prior is built and kept (default: --out, else a temporary folder)")
-    p.add_argument("--label", choices=["known", "joint"], default="known")
-    p.add_argument("--simulate", choices=["single", "unroll"], default="single")
+    p.add_argument("--label", choices=["known", "joint"])
+    p.add_argument("--simulate", choices=["single", "unroll"])
     p.add_argument("--local-steps", type=int, help="the site's local steps (default: from the update's meta, else 1)")
     p.add_argument("--local-lr", type=float, help="the site's learning rate (default: from the update's meta)")
     p.add_argument("--batch-size", type=int, help="images to reconstruct for --label joint (default: from the meta, else 1)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("monailabel-check", help="the bundle in a real MONAI Label server: /info, /infer, /train")
