@@ -18,8 +18,18 @@ from dpseg.site import ENV, RETIRED, SiteSettings
 from dpseg.wire import ERROR_HEADER, error_header
 
 
+def _job_learner_args(job: str) -> dict:
+    """The SiteLearner arguments of a shipped job, its variables filled in as NVFlare does."""
+    config = json.loads((REPO / "jobs" / job / "app" / "config" / "config_fed_client.json").read_text())
+    executor = next(e["executor"] for e in config["executors"] if e["executor"]["path"] == "dpseg.learner.SiteLearner")
+    return {k: config[v[1:-1]] if isinstance(v, str) and v.startswith("{") else v for k, v in executor["args"].items()}
+
+
+JOB = _job_learner_args("fed_dp")  # the shipped DP job's learner arguments
+
+
 def _learner(cohort, tmp_path, budget, job_id="job-2", resume=None):
-    learner = SiteLearner(dp=True, target_epsilon=8.0, batch_size=2, sample_rate=0.5, local_steps=2, resume=resume)
+    learner = SiteLearner(**{**JOB, "batch_size": 2, "sample_rate": 0.5, "local_steps": 2}, resume=resume)
     datalist = cohort / "site-1" / "datalist.json"
     if not (tmp_path / "ledger.json").exists():
         Ledger.create(tmp_path / "ledger.json", budget)
@@ -103,7 +113,7 @@ def test_a_site_that_requires_dp_refuses_a_job_without_dp_before_touching_its_da
         {"datalist": str(site_copy / "datalist.json"), "require_dp": True}))
     for arguments in ({"dp": False}, {"dp": False, "target_epsilon": 0.1}):  # no job argument overrides it
         caplog.clear()
-        reply = _site_task(SiteLearner(**arguments), site_env, task)
+        reply = _site_task(SiteLearner(**{**JOB, **arguments}), site_env, task)
         assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
         assert reply.get_header(ERROR_HEADER) == error_header("privacy")
         assert "site site-1 requires differential privacy" in caplog.text  # the site's log says which
@@ -116,7 +126,7 @@ def test_a_site_refuses_a_dp_job_above_its_epsilon_cap_before_touching_its_data(
     monkeypatch.setenv("DPSEG_DATALIST", str(site_copy / "datalist.json"))
     monkeypatch.setenv("DPSEG_LEDGER", str(site_env / "ledger.json"))
     monkeypatch.setenv("DPSEG_MAX_JOB_EPSILON", "3")
-    reply = _site_task(SiteLearner(dp=True, target_epsilon=8.0, sample_rate=0.5, local_steps=2), site_env)
+    reply = _site_task(SiteLearner(**{**JOB, "sample_rate": 0.5, "local_steps": 2}), site_env)
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
     assert reply.get_header(ERROR_HEADER) == error_header("privacy")
     assert "accepts DP jobs of target epsilon at most 3" in caplog.text
@@ -132,7 +142,7 @@ def test_a_site_whose_allow_list_lacks_dpseg_refuses_the_job_before_reading_its_
     (site_env / "local" / "resources.json.default").write_text(json.dumps(
         {"class_allow_list": list(DEFAULT_CLASS_ALLOW_LIST)}))  # a provisioned kit, never init-workspace'd
     monkeypatch.setenv("DPSEG_TOTAL_EPSILON", "20")  # a retired setting: refused, but only once allowed to run
-    reply = _site_task(SiteLearner(dp=True, sample_rate=0.5, local_steps=2), site_env)
+    reply = _site_task(SiteLearner(**{**JOB, "sample_rate": 0.5, "local_steps": 2}), site_env)
     assert reply.get_return_code() == ReturnCode.EXECUTION_EXCEPTION
     assert reply.get_header(ERROR_HEADER) == error_header("config")
     assert "site-1 refuses this job: its class allow-list" in caplog.text
@@ -164,37 +174,50 @@ def test_every_simulator_run_gets_its_own_ledger_entry():
 ])
 def test_job_arguments_are_plain_values_never_code(args, error, name):
     with pytest.raises(error, match=name):
-        SiteLearner(**args)
+        SiteLearner(**{**JOB, **args})
 
 
 def test_a_job_cannot_point_a_site_at_another_bundle():
     with pytest.raises(TypeError):  # no argument takes a bundle path or config: the site's installed copy only
-        SiteLearner(bundle_root="/tmp/evil_bundle")
+        SiteLearner(**JOB, bundle_root="/tmp/evil_bundle")
 
 
 @pytest.mark.parametrize("args", [{}, {"sample_rate": 0.25}, {"local_steps": 24}, {"local_epochs": 6.0},
                                   {"sample_rate": 1.0, "local_steps": 24}])
 def test_a_dp_job_must_state_its_sample_rate_and_steps_instead_of_deriving_them_from_the_cohort(args):
+    derived = {**JOB, "sample_rate": 0.0, "local_steps": 0, **args}  # 0: derive from the site's patients
     with pytest.raises(ValueError, match="add/remove-one accountant treats as private"):
-        SiteLearner(dp=True, **args)
-    SiteLearner(dp=False, **args)  # the non-private baseline may derive them
+        SiteLearner(**{**derived, "dp": True})
+    SiteLearner(**{**derived, "dp": False})  # the non-private baseline may derive them
+
+
+def test_the_privacy_settings_have_no_default_and_every_default_is_the_shipped_jobs():
+    import inspect
+
+    params = inspect.signature(SiteLearner).parameters
+    required = {k for k, p in params.items() if p.default is inspect.Parameter.empty}
+    assert required == {"dp", "target_epsilon", "delta", "max_grad_norm", "batch_size", "sample_rate", "local_steps",
+                        "learning_rate"}
+    for job in ("fed", "fed_dp"):
+        args = _job_learner_args(job)
+        differ = {k: (args[k], params[k].default) for k in args if k not in required and args[k] != params[k].default}
+        assert not differ, (job, differ)
+    with pytest.raises(TypeError, match="target_epsilon"):
+        SiteLearner(dp=True)
 
 
 def test_slices_per_patient_and_train_layers_are_public_training_settings_the_site_sends():
-    learner = SiteLearner(dp=True, sample_rate=0.5, local_steps=2, slices_per_patient=4, train_layers="decoder")
+    learner = SiteLearner(**{**JOB, "sample_rate": 0.5, "local_steps": 2, "slices_per_patient": 4, "train_layers": "decoder"})
     learner.local_steps = 2
     meta = learner._training_meta()
     assert meta["slices_per_patient"] == 4 and meta["train_layers"] == "decoder"
-    assert (SiteLearner(dp=False).slices_per_patient, SiteLearner(dp=False).train_layers) == (1, "all")
+    assert (SiteLearner(**JOB).slices_per_patient, SiteLearner(**JOB).train_layers) == (1, "all")
     for args in ({"slices_per_patient": 2}, {"train_layers": "norm"}):  # the audit assumes neither
         with pytest.raises(ValueError, match="record_batches .* needs slices_per_patient 1 and train_layers 'all'"):
-            SiteLearner(dp=True, sample_rate=0.5, local_steps=2, record_batches=True, **args)
+            SiteLearner(**{**JOB, "sample_rate": 0.5, "local_steps": 2, **args}, record_batches=True)
 
 
 @pytest.mark.parametrize("job", ["fed", "fed_dp"])
 def test_the_shipped_jobs_train_every_layer_on_one_slice_per_patient(job):
-    config = json.loads((REPO / "jobs" / job / "app" / "config" / "config_fed_client.json").read_text())
-    executor = next(e["executor"] for e in config["executors"] if e["executor"]["path"] == "dpseg.learner.SiteLearner")
-    args = {k: config[v[1:-1]] if isinstance(v, str) and v.startswith("{") else v for k, v in executor["args"].items()}
-    learner = SiteLearner(**args)  # as NVFlare builds it from the job's variables
+    learner = SiteLearner(**_job_learner_args(job))  # as NVFlare builds it from the job's variables
     assert (learner.slices_per_patient, learner.train_layers) == (1, "all")

@@ -143,7 +143,9 @@ class DataError(RuntimeError):
 
 
 class SiteLearner(Executor):
-    """One site's training. Arguments are the job's (public) training and privacy settings.
+    """One site's training. Arguments are the job's (public) training and privacy settings: the
+    privacy settings and the learning rate have no default here (the job states them; every default
+    below is the shipped jobs' value, which a test pins).
 
     dp: train with DP-SGD (False: the non-private baseline, same sampling and optimiser);
     target_epsilon, delta: the job's patient-level budget at this site over ALL rounds;
@@ -164,10 +166,9 @@ class SiteLearner(Executor):
     ``dpseg resume-job``): the site's accountant continues from the state saved in its ledger.
     """
 
-    def __init__(self, dp: bool = True, target_epsilon: float = 8.0, delta: float = 1e-5,
-                 max_grad_norm: float = 1.0, batch_size: int = 16, local_epochs: float = 1.0,
-                 learning_rate: float = 1e-3, accountant: str = "prv", data_source: str = "site",
-                 seed: int = 0, local_steps: int = 0, sample_rate: float = 0.0, optimizer: str = "adam",
+    def __init__(self, *, dp: bool, target_epsilon: float, delta: float, max_grad_norm: float, batch_size: int,
+                 sample_rate: float, local_steps: int, learning_rate: float, local_epochs: float = 1.0,
+                 accountant: str = "prv", data_source: str = "site", seed: int = 0, optimizer: str = "adam",
                  sampling: str = "poisson", slices_per_patient: int = 1, train_layers: str = "all",
                  record_batches: bool = False, resume: dict | None = None, train_task: str = AppConstants.TASK_TRAIN,
                  validate_task: str = AppConstants.TASK_VALIDATION, log_writer_id: str = "log_writer"):
