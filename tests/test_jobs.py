@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from dpseg.jobs import SIMULATOR_RACE, check_simulator_worker, run_watched
+from dpseg.jobs import run_watched
+from dpseg.simulator import SIMULATOR_RACE, check_simulator_worker
 
 
 def script(code: str) -> list[str]:

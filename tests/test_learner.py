@@ -11,7 +11,8 @@ from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
 from conftest import REPO
 from dpseg.datalist import resolve
-from dpseg.learner import SIMULATOR_JOB_ID, SiteLearner, ledger_entry
+from dpseg.learner import SiteLearner, ledger_entry
+from dpseg.simulator import SIMULATOR_JOB_ID
 from dpseg.ledger import Ledger
 from dpseg.privacy import PrivacyError, calibrate
 from dpseg.site import ENV, RETIRED, SiteSettings

@@ -228,7 +228,8 @@ class SiteAuditor(Executor):
             return _error_reply(error_header("audit"))
 
     def _execute(self, shareable: Shareable, attack: dict, fl_ctx: FLContext) -> Shareable:
-        from dpseg.learner import SIMULATOR_JOB_ID, site_folders
+        from dpseg.learner import site_folders
+        from dpseg.simulator import SIMULATOR_JOB_ID
         from dpseg.site import audit_prior_dir, audit_release, load_site_settings
 
         site = fl_ctx.get_identity_name()

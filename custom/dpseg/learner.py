@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import resource
 import secrets
@@ -47,31 +46,19 @@ from dpseg.datalist import resolve
 from dpseg.dptrain import OPTIMIZERS, SAMPLINGS, TRAIN_LAYERS, LocalTrainer, secure_slices, seeded_slices
 from dpseg.evaluate import evaluate
 from dpseg.files import write_whole
-from dpseg.jobs import check_simulator_worker
+from dpseg.simulator import SIMULATOR_JOB_ID, check_simulator_worker
 from dpseg.ledger import Ledger
 from dpseg.metrics import dice
 from dpseg.privacy import Accountant, PrivacyError, calibrate, check_cohort, continue_accountant
 from dpseg.securerandom import SecureRandom
-from dpseg.site import JobRefused, SiteConfigError, check_job_policy, load_site_settings
+from dpseg.site import JobRefused, SiteConfigError, check_job_policy, load_site_settings, torch_threads
 from dpseg.wire import ERROR_HEADER, PRIVACY_META, SITE_ROUNDS_FILE, TRAINING_META, PrivacyMeta, error_header
 from dpseg.workspace import allow_list_refusal
 
-THREADS_ENV = "DPSEG_TORCH_THREADS"
-SIMULATOR_JOB_ID = "simulate_job"
 AUDIT_DIR = "audit"
 LEDGER_ENTRY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 
 
-def torch_threads(job_id: str) -> int | None:
-    """CPU threads for torch: ``$DPSEG_TORCH_THREADS`` if set (a site setting); in the NVFlare
-    simulator, where every site shares one machine, 1 per site; else torch's default (None)."""
-    configured = os.environ.get(THREADS_ENV)
-    if configured:
-        try:
-            return max(1, int(configured))
-        except ValueError:
-            raise SiteConfigError(f"{THREADS_ENV}={configured!r} is not an integer") from None
-    return 1 if job_id == SIMULATOR_JOB_ID else None
 
 
 CHOICES = {"accountant": ("prv", "rdp"), "optimizer": tuple(OPTIMIZERS), "sampling": SAMPLINGS,

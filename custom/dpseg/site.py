@@ -34,6 +34,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from dpseg.simulator import SIMULATOR_JOB_ID
+
 SITE_FILE = Path("local") / "dpseg_site.json"
 ENV = {"datalist": "DPSEG_DATALIST", "data_root": "DPSEG_DATA_ROOT", "ledger": "DPSEG_LEDGER",
        "require_dp": "DPSEG_REQUIRE_DP", "max_job_epsilon": "DPSEG_MAX_JOB_EPSILON"}
@@ -165,6 +167,21 @@ def check_job_policy(settings: SiteSettings, dp: bool, target_epsilon: float) ->
     if dp and cap is not None and target_epsilon > cap:
         raise JobRefused(f"site {settings.site} accepts DP jobs of target epsilon at most {cap:g} "
                          f"({ENV['max_job_epsilon']} / 'max_job_epsilon'); this job asks for {target_epsilon:g}: refused")
+
+
+THREADS_ENV = "DPSEG_TORCH_THREADS"
+
+
+def torch_threads(job_id: str) -> int | None:
+    """CPU threads for torch: ``$DPSEG_TORCH_THREADS`` if set (a site setting); in the NVFlare
+    simulator, where every site shares one machine, 1 per site; else torch's default (None)."""
+    configured = os.environ.get(THREADS_ENV)
+    if configured:
+        try:
+            return max(1, int(configured))
+        except ValueError:
+            raise SiteConfigError(f"{THREADS_ENV}={configured!r} is not an integer") from None
+    return 1 if job_id == SIMULATOR_JOB_ID else None
 
 
 AUDIT_PRIOR_ENV = "DPSEG_AUDIT_PRIOR_DIR"
