@@ -337,14 +337,8 @@ def cmd_monailabel_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from dpseg.auditresults import RELEASE_CHOICES
-    from dpseg.site import DEFAULT_TOTAL_DELTA
-
-    parser = argparse.ArgumentParser(prog="dpseg", description=(
-        "Federated CT liver segmentation with patient-level differential privacy."))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _data_commands(sub) -> None:
+    """The subcommands of datasets: synthetic cohorts, MSD splits, data checks."""
     p = sub.add_parser("synth", help="write a synthetic multi-site abdominal CT cohort (NIfTI, MSD layout); with "
                                       "--public, a public cohort unlike every site (for pretraining)")
     p.add_argument("--out", required=True, help="output folder (one sub-folder per site, or public/)")
@@ -369,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-data", help="validate datalists and their volumes; exit 1 on any problem")
     p.add_argument("datalist", nargs="+")
     p.set_defaults(func=cmd_check_data)
+
+
+def _site_commands(sub) -> None:
+    """The subcommands of a site's and an admin's: workspace, ledger, report, resume."""
+    from dpseg.auditresults import RELEASE_CHOICES
+    from dpseg.site import DEFAULT_TOTAL_DELTA
 
     p = sub.add_parser("init-workspace", help="allow dpseg's components in an NVFlare simulator workspace or startup kit")
     p.add_argument("workspace", nargs="+", help="simulator workspace (-w) or a site's / the server's startup-kit folder")
@@ -408,6 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new job folder to write (must not exist)")
     p.set_defaults(func=cmd_resume_job)
 
+
+def _study_commands(sub) -> None:
+    """The subcommands of the study and evaluation."""
     p = sub.add_parser("study", help="the privacy-utility study: local, pooled, FL, FL+DP at several epsilons, "
                                       "and the audit at each; writes results.md and figures")
     p.add_argument("--grid", choices=["quick", "full"], default="full",
@@ -432,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the per-patient results (Dice, plausibility report) to this JSON file")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _audit_commands(sub) -> None:
+    """The subcommands of the audit of a saved update and the MONAI Label check."""
     p = sub.add_parser("audit", help="gradient-inversion attack on one saved update, scored against the true batch")
     p.add_argument("--update", required=True, help="intercepted update (server's intercepted/*.pt) or a weight-difference state dict")
     p.add_argument("--model", help="global model state dict the update was computed from (else taken from --update)")
@@ -475,6 +481,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-epochs", type=int, default=1)
     p.add_argument("--min-dice", type=float, default=0.8, help="fail below this mean Dice (default 0.8)")
     p.set_defaults(func=cmd_monailabel_check)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpseg", description=(
+        "Federated CT liver segmentation with patient-level differential privacy."))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _data_commands(sub)
+    _site_commands(sub)
+    _study_commands(sub)
+    _audit_commands(sub)
     return parser
 
 
