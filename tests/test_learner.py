@@ -10,12 +10,10 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.default_component_policy import DEFAULT_CLASS_ALLOW_LIST
 
 from conftest import REPO
-from dpseg.datalist import resolve
 from dpseg.learner import SiteLearner, ledger_entry
-from dpseg.simulator import SIMULATOR_JOB_ID
 from dpseg.ledger import Ledger
-from dpseg.privacy import PrivacyError, calibrate
-from dpseg.site import ENV, RETIRED, SiteSettings
+from dpseg.simulator import SIMULATOR_JOB_ID
+from dpseg.site import ENV, RETIRED
 from dpseg.wire import ERROR_HEADER, error_header
 
 
@@ -27,64 +25,6 @@ def _job_learner_args(job: str) -> dict:
 
 
 JOB = _job_learner_args("fed_dp")  # the shipped DP job's learner arguments
-
-
-def _learner(cohort, tmp_path, budget, job_id="job-2", resume=None):
-    learner = SiteLearner(**{**JOB, "batch_size": 2, "sample_rate": 0.5, "local_steps": 2}, resume=resume)
-    datalist = cohort / "site-1" / "datalist.json"
-    if not (tmp_path / "ledger.json").exists():
-        Ledger.create(tmp_path / "ledger.json", budget)
-    learner.settings = SiteSettings("site-1", datalist, tmp_path / "ledger.json")
-    learner.app_dir, learner.job_id, learner.site = tmp_path, job_id, "site-1"
-    learner.ledger_entry = ledger_entry(job_id, "site-1", resume or {})
-    learner.train_items = resolve(datalist, "training")
-    learner.n_patients, learner.local_steps = 4, 2
-    return learner
-
-
-def test_a_refused_job_stays_refused_in_later_rounds(cohort, tmp_path):
-    Ledger.create(tmp_path / "ledger.json", 10.0)
-    Ledger.open(tmp_path / "ledger.json").reserve("job-1", calibrate(8.0, 1e-5, 1.0, 2, 2 / 4, 4))
-    learner = _learner(cohort, tmp_path, 10.0)
-    for _ in range(2):  # round after round
-        with pytest.raises(PrivacyError, match="privacy budget exceeded"):
-            learner._start_privacy(num_rounds=2, fl_ctx=None)
-        assert learner.accountant is None
-
-
-def test_an_accepted_job_is_calibrated_for_all_rounds(cohort, tmp_path):
-    learner = _learner(cohort, tmp_path, 20.0)
-    learner._start_privacy(num_rounds=3, fl_ctx=None)
-    assert learner.accountant.settings.steps == 3 * 2
-    assert Ledger.open(tmp_path / "ledger.json").committed() == pytest.approx(8.0)
-
-
-def test_a_resumed_job_continues_the_stopped_jobs_accountant(cohort, tmp_path):
-    stopped = _learner(cohort, tmp_path, 20.0, job_id="job-1")
-    stopped._start_privacy(num_rounds=3, fl_ctx=None)  # planned 3 rounds x 2 steps
-    stopped.accountant.step(2)  # round 0 done, then the job stopped
-    stopped._save_privacy_state()
-    spent = stopped.accountant.epsilon()
-    resumed = _learner(cohort, tmp_path, 20.0, job_id="job-7", resume={"site-1": "job-1"})
-    resumed._start_privacy(num_rounds=2, fl_ctx=None)  # the 2 rounds left
-    assert resumed.accountant.steps == 2 and resumed.accountant.epsilon() == pytest.approx(spent) and spent > 0
-    ledger = Ledger.open(tmp_path / "ledger.json")
-    assert list(ledger.jobs) == ["job-1"] and ledger.jobs["job-1"]["continued_by"] == ["job-7"]
-    assert ledger.committed() == pytest.approx(8.0)  # counted once
-    resumed.accountant.step(4)
-    resumed._save_privacy_state()
-    # a site whose plan is used up (it trained a round the server never completed) continues with more noise
-    # and the new plan covers every round left, not just the next one
-    used_up = _learner(cohort, tmp_path, 20.0, job_id="job-8", resume={"site-1": "job-1"})
-    used_up._start_privacy(num_rounds=2, fl_ctx=None)
-    s = used_up.accountant.settings
-    assert s.steps == 6 + 2 * 2 and s.noise_multiplier > stopped.accountant.settings.noise_multiplier
-    used_up.accountant.step(2)
-    used_up.accountant.step(2)
-    assert used_up.accountant.epsilon() <= 8.0
-    unknown = _learner(cohort, tmp_path, 20.0, job_id="job-9", resume={"site-1": "job-0"})
-    with pytest.raises(PrivacyError, match="resumes ledger entry job-0, which has no saved accountant"):
-        unknown._start_privacy(num_rounds=2, fl_ctx=None)
 
 
 def _site_task(learner: SiteLearner, root, task: str = AppConstants.TASK_TRAIN) -> Shareable:

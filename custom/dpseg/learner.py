@@ -47,9 +47,9 @@ from dpseg.dptrain import OPTIMIZERS, SAMPLINGS, TRAIN_LAYERS, LocalTrainer, sec
 from dpseg.evaluate import evaluate
 from dpseg.files import write_whole
 from dpseg.simulator import SIMULATOR_JOB_ID, check_simulator_worker
-from dpseg.ledger import Ledger
+from dpseg.jobprivacy import JobPrivacy
 from dpseg.metrics import dice
-from dpseg.privacy import Accountant, PrivacyError, calibrate, check_cohort, continue_accountant
+from dpseg.privacy import PrivacyError
 from dpseg.securerandom import SecureRandom
 from dpseg.site import JobRefused, SiteConfigError, check_job_policy, load_site_settings, torch_threads
 from dpseg.wire import ERROR_HEADER, PRIVACY_META, SITE_ROUNDS_FILE, TRAINING_META, PrivacyMeta, error_header
@@ -188,7 +188,7 @@ class SiteLearner(Executor):
         self.seed, self.train_task, self.validate_task = seed, train_task, validate_task
         self.log_writer_id = log_writer_id
         self.ready = False
-        self.accountant: Accountant | None = None
+        self.privacy: JobPrivacy | None = None  # with DP: the job's privacy at this site
         self.trainer: LocalTrainer | None = None
 
     # ----------------------------------------------------------------------------- set-up
@@ -219,6 +219,10 @@ class SiteLearner(Executor):
         edited_in = root.parent if self.job_id == SIMULATOR_JOB_ID else None
         self.settings = load_site_settings(self.site, root, synthetic_root, require_ledger=self.dp, edited_in=edited_in)
         check_job_policy(self.settings, self.dp, self.target_epsilon)
+        if self.dp:
+            self.privacy = JobPrivacy(self.site, self.settings.ledger, self.ledger_entry, self.job_id,
+                                      self.site in self.resume, self.target_epsilon, self.delta, self.max_grad_norm,
+                                      self.batch_size, self.sample_rate, self.accountant_name)
         started = time.perf_counter()
         self.log_info(fl_ctx, f"{self.site}: checking its data (every volume of its datalist)")
         report = check_datalist(self.settings.datalist)
@@ -281,43 +285,6 @@ class SiteLearner(Executor):
         state = {k: torch.as_tensor(np.asarray(v)) for k, v in weights.items()}
         self.network.load_state_dict(state, strict=True)
 
-    def _start_privacy(self, num_rounds: int, fl_ctx: FLContext) -> None:
-        """Calibrate once for all the job's steps, or continue the accountant of the stopped job
-        this one resumes (saved in the ledger), then enter the job in the ledger.
-
-        Nothing is kept unless the ledger accepts the job, so a refused site stays refused in
-        every later round of the job.
-        """
-        ledger = Ledger.open(self.settings.ledger)
-        key, steps = self.ledger_entry, num_rounds * self.local_steps
-        accountant = continue_accountant(
-            ledger, key, steps, target_epsilon=self.target_epsilon, delta=self.delta,
-            max_grad_norm=self.max_grad_norm, batch_size=self.batch_size, sample_rate=self.sample_rate,
-            accountant=self.accountant_name)
-        if accountant is not None:
-            message = (f"{self.site}: continuing ledger entry {key}: {accountant.steps} steps done, epsilon "
-                       f"{accountant.epsilon():.3f} spent; {steps} more at noise multiplier "
-                       f"{accountant.settings.noise_multiplier:.4f} (plan: {accountant.settings.steps} steps, "
-                       f"epsilon <= {accountant.settings.target_epsilon})")
-        elif self.site in self.resume:
-            raise PrivacyError(f"the job resumes ledger entry {key}, which has no saved accountant in "
-                               f"{self.settings.ledger}: refused")
-        else:
-            self.log_info(fl_ctx, f"{self.site}: calibrating the noise for epsilon {self.target_epsilon} at delta "
-                                  f"{self.delta} over {steps} steps (once per job)")
-            s = calibrate(self.target_epsilon, self.delta, self.max_grad_norm, self.batch_size,
-                          self.sample_rate, steps, self.accountant_name)
-            accountant = Accountant(s)
-            message = (f"{self.site}: calibrated noise multiplier {s.noise_multiplier:.4f} for epsilon "
-                       f"{s.target_epsilon} at delta {s.delta} over {s.steps} steps (sample rate "
-                       f"{s.sample_rate:.4f}, accountant {s.accountant}); ledger entry {key}")
-        check_cohort(accountant.settings, self.n_patients)
-        ledger.reserve(key, accountant.settings)
-        if self.site in self.resume:
-            ledger.note_continuation(key, self.job_id)
-        self.accountant, self.ledger = accountant, ledger
-        self.log_info(fl_ctx, message)
-
     def _train(self, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         dxo = from_shareable(shareable)
         current_round = int(shareable.get_header(AppConstants.CURRENT_ROUND) or 0)
@@ -326,17 +293,16 @@ class SiteLearner(Executor):
         self._load(global_state)
         val = self._validation_metrics()
         if self.dp:
-            if self.accountant is None:
-                self._start_privacy(num_rounds, fl_ctx)
-            self.accountant.settings.check_same(**(dxo.get_meta_prop(PRIVACY_META) or {}))
-            if self.accountant.steps + self.local_steps > self.accountant.settings.steps:
-                raise PrivacyError(f"round {current_round}: this site has spent {self.accountant.steps} of the "
-                                   f"{self.accountant.settings.steps} steps it calibrated for (ledger entry "
-                                   f"{self.ledger_entry}); {self.local_steps} more do not fit: refused")
+            if not self.privacy.started:  # once per job: calibrate (or continue) for all its rounds
+                if not self.privacy.resumes:
+                    self.log_info(fl_ctx, f"{self.site}: calibrating the noise for epsilon {self.target_epsilon} at "
+                                          f"delta {self.delta} over {num_rounds * self.local_steps} steps (once per job)")
+                self.log_info(fl_ctx, self.privacy.start(num_rounds * self.local_steps, self.n_patients))
+            self.privacy.check_round(dxo.get_meta_prop(PRIVACY_META), self.local_steps, current_round)
         start = time.perf_counter()
         if self.trainer is None:  # one local optimiser per job: its state carries across rounds
             self.trainer = LocalTrainer(self.network, self.loss_fn, self.data, self.learning_rate, self.batch_size,
-                                        self.accountant if self.dp else None, seed=self.seed,
+                                        self.privacy.accountant if self.dp else None, seed=self.seed,
                                         optimizer=self.optimizer_name, sampling=self.sampling,
                                         record=self.record_batches, sample_rate=self.sample_rate,
                                         slices_per_patient=self.slices_per_patient, train_layers=self.train_layers)
@@ -347,7 +313,7 @@ class SiteLearner(Executor):
             stats = self.trainer.run(self.local_steps, abort=lambda: abort_signal.triggered)
         finally:
             if self.dp:
-                self._save_privacy_state()
+                self.privacy.record()
         if abort_signal.triggered:
             return make_reply(ReturnCode.TASK_ABORTED)
         seconds = time.perf_counter() - start
@@ -358,7 +324,7 @@ class SiteLearner(Executor):
         # every value here is public by design or about validation patients (see the module docstring);
         # the round's time, memory, realised batch sizes and training loss stay in the site's log
         meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: self.local_steps, MetaKey.INITIAL_METRICS: val,
-                PRIVACY_META: self._privacy_meta(), TRAINING_META: self._training_meta()}
+                PRIVACY_META: self.privacy.meta() if self.dp else PrivacyMeta(dp=False).to_dict(), TRAINING_META: self._training_meta()}
         spent = f"epsilon {meta[PRIVACY_META]['epsilon']:.3f}" if self.dp else "no DP"
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.log_info(fl_ctx, f"{self.site}: round {current_round}: {stats.steps} steps in {seconds:.1f} s, peak "
@@ -382,19 +348,6 @@ class SiteLearner(Executor):
         return {"learning_rate": self.learning_rate, "local_steps": self.local_steps, "batch_size": self.batch_size,
                 "optimizer": self.optimizer_name, "sampling": self.sampling,
                 "slices_per_patient": self.slices_per_patient, "train_layers": self.train_layers}
-
-    def _privacy_meta(self) -> dict:
-        if not self.dp:
-            return PrivacyMeta(dp=False).to_dict()
-        s = self.accountant.settings
-        return PrivacyMeta(dp=True, adjacency=s.adjacency, epsilon=float(self.accountant.epsilon()), delta=s.delta,
-                           target_epsilon=s.target_epsilon, noise_multiplier=s.noise_multiplier,
-                           sample_rate=s.sample_rate, steps=self.accountant.steps, planned_steps=s.steps,
-                           max_grad_norm=s.max_grad_norm, batch_size=s.batch_size, accountant=s.accountant,
-                           ledger_entry=self.ledger_entry).to_dict()
-
-    def _save_privacy_state(self) -> None:
-        self.ledger.record(self.ledger_entry, self.accountant)
 
     @torch.no_grad()
     def _validation_metrics(self) -> dict:
