@@ -62,7 +62,7 @@ def test_the_server_components_the_jobs_name_load_no_site_code_and_no_opacus():
                    | {f["path"] for f in REPO.glob("jobs/*/app/config/config_fed_server.json")
                       for group in json.loads(f.read_text()).get("task_result_filters", []) for f in group["filters"]
                       if f["path"].startswith("dpseg.")})
-    assert {"dpseg.server.BundlePersistor", "dpseg.validation.UpdateValidator", "dpseg.auditjob.AuditController"} <= set(paths)
+    assert {"dpseg.server.BundlePersistor", "dpseg.updatefilter.UpdateFilter", "dpseg.auditjob.AuditController"} <= set(paths)
     code = ("import importlib, json, sys\n"
             f"for path in {paths!r}:\n"
             "    module, name = path.rsplit('.', 1)\n"

@@ -16,7 +16,7 @@ ERROR_HEADER = "dpseg_error"
 AUDIT_TASK = "audit"
 # files the server writes into its run folder (read by dpseg report, resume-job and the study)
 ROUNDS_FILE = "dpseg_rounds.json"  # dpseg.server.RoundRecorder: per round and site, what came with the update
-REJECTED_FILE = "dpseg_rejected.json"  # dpseg.validation.UpdateValidator: updates refused
+REJECTED_FILE = "dpseg_rejected.json"  # dpseg.updatefilter.UpdateFilter: updates refused
 AUDIT_FILE = "dpseg_audit.json"  # dpseg.auditjob.AuditController: the sites' audit acknowledgements
 RESUME_FILE = "dpseg_resume.pt"  # dpseg.server.BundlePersistor: the resume point
 BUNDLE_OUT = "bundle"  # dpseg.server.BundlePersistor: the job's model as a copy of the bundle

@@ -1,9 +1,9 @@
-"""Server-side update validation: what is never aggregated."""
+"""The server's update filter: what is never aggregated."""
 
 import numpy as np
 import pytest
 
-from dpseg.validation import update_problem
+from dpseg.updatefilter import update_problem
 
 SHAPES = {"conv.weight": (4, 1, 3, 3), "conv.bias": (4,)}
 FACTS = {"dp": True, "epsilon": 2.5, "delta": 1e-5, "noise_multiplier": 1.1, "sample_rate": 0.25, "steps": 24}

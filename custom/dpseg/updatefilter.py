@@ -1,4 +1,4 @@
-"""Server-side validation of the sites' training results (an NVFlare task-result filter).
+"""The server's filter of the sites' training results (an NVFlare task-result filter).
 
 Every result of a ``train`` task passes here before the aggregator sees it. An update is rejected
 (never aggregated) when it:
@@ -70,7 +70,7 @@ def update_problem(data: dict, meta: dict, shapes: dict[str, tuple], require_pri
     return None
 
 
-class UpdateValidator(Filter):
+class UpdateFilter(Filter):
     """Task-result filter on the server; see the module docstring.
 
     require_privacy: the job is a DP job (updates must carry the privacy meta);
