@@ -12,12 +12,12 @@ from dpseg.auditor import score
 from dpseg.datalist import resolve
 from dpseg.dptrain import LocalTrainer, PatientSlices, seeded_slices
 from dpseg.metrics import ssim
-from dpseg.slices import Cohort
+from dpseg.slices import SliceSet
 
 
 def test_cohort_locates_the_trained_slice_and_identification_scores(bundle, cohort):
     items = resolve(cohort / "site-1" / "datalist.json", "training")
-    slices = Cohort(items, bundle.volume_transforms())
+    slices = SliceSet(items, bundle.volume_transforms())
     assert slices.slices.shape[1:] == (128, 128) and len(slices) == len(slices.owners)
     data = seeded_slices(items, bundle.train_transforms(), 0)
     x, _ = data.batch([2])
@@ -63,7 +63,7 @@ def test_audit_cli_on_a_saved_update(bundle, cohort, tmp_path):
     truth = np.load(out / "truth.npy")
     assert metrics["baseline_ssim_blank"] == pytest.approx(ssim(np.zeros_like(truth[0]), truth[0]))
     # the truth is the patient's stored slice (training's random intensity shift removed)
-    stored = Cohort(resolve(datalist, "training"), bundle.volume_transforms()).slices
+    stored = SliceSet(resolve(datalist, "training"), bundle.volume_transforms()).slices
     assert any(np.array_equal(truth[0], s) for s in stored)
     assert (out / "comparison.png").stat().st_size > 0 and np.load(out / "reconstruction.npy").shape == (1, 128, 128)
     # with a prior from public slices: here the other site's patients stand in for public CT

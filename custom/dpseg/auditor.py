@@ -44,7 +44,7 @@ from dpseg.inversion import AttackSettings, Reconstruction, invert
 from dpseg.metrics import mse, psnr, ranking, ssim
 from dpseg.prior import ImagePrior, load_prior
 from dpseg.privacy import reconstruction_bound_eps_delta, reconstruction_bound_gdp
-from dpseg.slices import Cohort
+from dpseg.slices import SliceSet
 from dpseg.wire import AUDIT_TASK, ERROR_HEADER, PrivacyMeta, error_header
 from dpseg.workspace import allow_list_refusal
 
@@ -52,11 +52,11 @@ AUDIT_LOG = "audit.log"  # in the site's audit folder
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def score(reconstruction: np.ndarray, truths: np.ndarray, cohort: Cohort | None = None,
+def score(reconstruction: np.ndarray, truths: np.ndarray, site_slices: SliceSet | None = None,
           true_indices: list[int] | None = None) -> dict:
     """Metrics of reconstructions (R, H, W) against the true images (T, H, W): for each true image
     the best-matching reconstruction's SSIM, PSNR (dB) and MSE, averaged over the true images; with
-    a cohort, identification: the cohort's slices ranked by similarity to that reconstruction,
+    ``site_slices`` (the site's training slices), identification: its slices ranked by similarity to that reconstruction,
     ``slice_rank`` of the true slice and ``patient_rank`` of the true patient's first slice (1 is
     the top), and the share of true images identified (rank 1) as the slice (``identified``) or as
     the patient (``patient_identified``)."""
@@ -68,10 +68,10 @@ def score(reconstruction: np.ndarray, truths: np.ndarray, cohort: Cohort | None 
         out["ssim"].append(max(scores))
         out["psnr"].append(psnr(best, truth))
         out["mse"].append(mse(best, truth))
-        if cohort is not None and true_indices is not None:
-            order = ranking(best, cohort.slices)
+        if site_slices is not None and true_indices is not None:
+            order = ranking(best, site_slices.slices)
             slice_rank = 1 + int(np.flatnonzero(order == true_indices[t])[0])
-            patient_rank = 1 + int(np.flatnonzero(cohort.owners[order, 0] == cohort.owners[true_indices[t], 0])[0])
+            patient_rank = 1 + int(np.flatnonzero(site_slices.owners[order, 0] == site_slices.owners[true_indices[t], 0])[0])
             out["slice_rank"].append(slice_rank)
             out["patient_rank"].append(patient_rank)
             out["identified"].append(slice_rank == 1)
@@ -88,12 +88,12 @@ def attack_settings(training: dict, **attack) -> AttackSettings:
 
 
 def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dict, settings: AttackSettings,
-                 images: torch.Tensor, labels: torch.Tensor, cohort: Cohort | None = None,
+                 images: torch.Tensor, labels: torch.Tensor, site_slices: SliceSet | None = None,
                  patients: list[int] | None = None, privacy: dict | None = None,
                  out_dir: Path | None = None, progress=None, prior: ImagePrior | None = None) -> dict:
     """Attack one update and score it against the true batch (``images``, ``labels``: (T, 1, H, W),
-    the slices as trained; ``patients``: their indices in the cohort's items, for identification;
-    ``prior``: the attacker's public image prior when ``settings.prior`` names one). With a cohort,
+    the slices as trained; ``patients``: their indices in ``site_slices``' patients, for identification;
+    ``prior``: the attacker's public image prior when ``settings.prior`` names one). With ``site_slices``,
     the truth is each patient's stored slice (the trained image without training's random
     intensity shift) and the reconstruction is the attack's estimate of it (its estimated shift
     removed); without one, the trained images.
@@ -101,10 +101,10 @@ def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dic
     Returns scalar metrics only (about the site's training slices: the site keeps them,
     ``dpseg.auditresults``): the reconstruction's scores, the uninformed baselines (guesses made
     without the update: the attack's own, that is its random start or the prior's guess from public
-    slices; a blank slice; the cohort's mean slice; ``baseline_ssim`` is the best of them, and the
-    attack's own guess is also identified against the cohort: ``baseline_identified``,
+    slices; a blank slice; the mean of ``site_slices``; ``baseline_ssim`` is the best of them, and the
+    attack's own guess is also identified against ``site_slices``: ``baseline_identified``,
     ``baseline_patient_identified``, ``baseline_slice_rank``, ``baseline_patient_rank``),
-    identification against the cohort with its chance level, and for a DP update the theoretical
+    identification against ``site_slices`` with its chance level, and for a DP update the theoretical
     bound on identification success. With ``out_dir`` the reconstruction, the truth and a
     side-by-side PNG are written there (the site's own folder).
     """
@@ -115,24 +115,24 @@ def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dic
                                  label=labels if settings.label == "known" else None, progress=progress, prior=prior)
     recon, truths = rec.unshifted()[:, 0].numpy(), images[:, 0].numpy()
     true_indices = None
-    if cohort is not None:  # score against the patients' stored slices, without training's random shift
-        true_indices = [cohort.locate(t, p) for t, p in zip(truths, patients)]
-        truths = cohort.slices[true_indices]
+    if site_slices is not None:  # score against the patients' stored slices, without training's random shift
+        true_indices = [site_slices.locate(t, p) for t, p in zip(truths, patients)]
+        truths = site_slices.slices[true_indices]
     metrics = {"patients_in_update": len(images), "label": settings.label, "simulate": settings.simulate,
                "prior": settings.prior, "iterations": rec.iterations, "restarts": settings.restarts,
-               "seconds": rec.seconds, "matching_loss": rec.matching_loss, **score(recon, truths, cohort, true_indices)}
-    guess = score(rec.initial[:, 0].numpy(), truths, cohort, true_indices)
+               "seconds": rec.seconds, "matching_loss": rec.matching_loss, **score(recon, truths, site_slices, true_indices)}
+    guess = score(rec.initial[:, 0].numpy(), truths, site_slices, true_indices)
     metrics[f"baseline_ssim_{rec.initial_kind}"] = guess["ssim"]
     metrics.update({f"baseline_{k}": guess[k] for k in ("identified", "patient_identified", "slice_rank",
                                                          "patient_rank") if k in guess})
     # a blank slice (air, the window's lower bound, everywhere): most of a CT slice is air at exactly
     # that value, so SSIM rewards it; a reconstruction has to beat it to show anything
     metrics["baseline_ssim_blank"] = score(np.zeros_like(truths), truths)["ssim"]
-    if cohort is not None:
-        metrics["baseline_ssim_mean_image"] = score(cohort.mean_image[None], truths)["ssim"]
-        metrics["cohort_slices"] = len(cohort)
-        metrics["chance"] = 1.0 / len(cohort)
-        metrics["cohort_patients"] = len(np.unique(cohort.owners[:, 0]))
+    if site_slices is not None:
+        metrics["baseline_ssim_mean_image"] = score(site_slices.mean_image[None], truths)["ssim"]
+        metrics["cohort_slices"] = len(site_slices)
+        metrics["chance"] = 1.0 / len(site_slices)
+        metrics["cohort_patients"] = len(np.unique(site_slices.owners[:, 0]))
         metrics["patient_chance"] = 1.0 / metrics["cohort_patients"]
     metrics["baseline_ssim"] = max(v for k, v in metrics.items() if k.startswith("baseline_ssim_"))
     metrics.update(privacy_bounds(privacy, metrics.get("chance"), metrics.get("patient_chance")))
@@ -202,7 +202,7 @@ class SiteAuditor(Executor):
     def __init__(self, task_name: str = AUDIT_TASK):
         super().__init__()
         self.task_name = task_name
-        self.cohort: Cohort | None = None
+        self.site_slices: SliceSet | None = None
         self.priors: dict[tuple, ImagePrior | None] = {}
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
@@ -241,11 +241,11 @@ class SiteAuditor(Executor):
         log = _audit_log(folder)
         updates = task_updates(from_shareable(shareable))
         bundle = Bundle()
-        if self.cohort is None:
+        if self.site_slices is None:
             settings = load_site_settings(site, root, None, require_ledger=False,
                                           edited_in=root.parent if job_id == SIMULATOR_JOB_ID else None)
             self.log_info(fl_ctx, "loading the site's training slices for identification")
-            self.cohort = Cohort(resolve(settings.datalist, "training"), bundle.volume_transforms())
+            self.site_slices = SliceSet(resolve(settings.datalist, "training"), bundle.volume_transforms())
         key = (attack.get("prior", "none"), attack.get("prior_components", AttackSettings.prior_components))
         if key not in self.priors:  # built once, kept in the site's audit_prior_dir
             self.priors[key] = load_prior(key[0], audit_prior_dir(root), bundle.volume_transforms(), key[1],
@@ -297,7 +297,7 @@ class SiteAuditor(Executor):
         network = bundle.network()
         network.load_state_dict(update["global"], strict=True)
         metrics = audit_update(network, bundle.loss(), update["update"], settings, batch["images"], batch["labels"],
-                               self.cohort, batch["patients"], privacy, out_dir, progress=log, prior=prior)
+                               self.site_slices, batch["patients"], privacy, out_dir, progress=log, prior=prior)
         log(f"round {update['round']}: SSIM {metrics['ssim']:.3f} (baseline {metrics['baseline_ssim']:.3f}), "
             f"identified {metrics['identified']:.2f} (true slice ranked {metrics['slice_rank']:.0f} of "
             f"{metrics['cohort_slices']}), {metrics['seconds']:.0f} s")

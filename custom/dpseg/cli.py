@@ -266,7 +266,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from dpseg.bundle import Bundle
     from dpseg.datalist import resolve
     from dpseg.prior import PRIOR_SPECS, load_prior, prior_from_datalist
-    from dpseg.slices import Cohort
+    from dpseg.slices import SliceSet
     from dpseg.wire import PRIVACY_META, TRAINING_META
 
     record = _load_torch(args.update, "update")
@@ -310,7 +310,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     cohort = None
     if args.datalist:
         print(f"loading the training slices of {args.datalist} for identification", flush=True)
-        cohort = Cohort(resolve(Path(args.datalist), "training"), bundle.volume_transforms())
+        cohort = SliceSet(resolve(Path(args.datalist), "training"), bundle.volume_transforms())
     metrics = audit_update(network, bundle.loss(), update, settings, batch["images"], batch["labels"], cohort,
                            batch.get("patients"), meta.get(PRIVACY_META), Path(args.out) if args.out else None,
                            progress=lambda m: print(m, flush=True), prior=prior)

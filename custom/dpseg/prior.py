@@ -28,7 +28,7 @@ import torch
 
 from dpseg.datalist import resolve
 from dpseg.files import write_whole
-from dpseg.slices import Cohort
+from dpseg.slices import SliceSet
 
 PUBLIC_SEED = 4242
 PUBLIC_PATIENTS = (12, 12, 12)
@@ -114,7 +114,7 @@ def prior_from_datalist(datalist: Path, volume_transforms, components: int) -> I
     items = _all_items(datalist)
     if not items:
         raise ValueError(f"{datalist}: no patient in any split")
-    cohort = Cohort(items, volume_transforms, with_labels=True)
+    cohort = SliceSet(items, volume_transforms, with_labels=True)
     return ImagePrior.fit(cohort.slices, cohort.labels, components, source=f"datalist {Path(datalist).name}, "
                                                                             f"{len(items)} patients")
 
@@ -137,7 +137,7 @@ def synthetic_prior(folder: Path, volume_transforms, components: int, seed: int 
     public = Path(tempfile.mkdtemp(prefix=f"public_{seed}_", dir=folder))  # its own for each builder
     try:
         datalists = write_cohort(public, n_sites=len(patients), patients=list(patients), seed=seed)
-        cohorts = [Cohort(_all_items(d), volume_transforms, with_labels=True) for d in datalists]
+        cohorts = [SliceSet(_all_items(d), volume_transforms, with_labels=True) for d in datalists]
     finally:
         shutil.rmtree(public, ignore_errors=True)
     prior = ImagePrior.fit(np.concatenate([c.slices for c in cohorts]), np.concatenate([c.labels for c in cohorts]),

@@ -1,4 +1,4 @@
-"""A cohort's axial slices after the bundle's deterministic preprocessing (no augmentation).
+"""A set of patients' axial slices after the bundle's deterministic preprocessing (no augmentation).
 
 The auditor identifies a reconstruction among the site's own training slices; the attacker's
 prior (``dpseg.prior``) is fitted on public slices prepared the same way.
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 
-class Cohort:
+class SliceSet:
     """All axial slices of a list of patients (datalist items): ``slices`` (K, H, W) in [0, 1]
     (the bundle's HU window), ``owners`` (K, 2): (patient index, slice index), ``mean_image``
     (H, W); with ``with_labels``, ``labels`` (K, H, W) in {0, 1} too."""
@@ -35,7 +35,7 @@ class Cohort:
         return len(self.slices)
 
     def locate(self, image: np.ndarray, patient: int) -> int:
-        """Cohort index of ``patient``'s slice that ``image`` (H, W) was drawn from (closest after
+        """Index of ``patient``'s slice that ``image`` (H, W) was drawn from (closest after
         removing the mean: training applies a random intensity shift)."""
         rows = np.flatnonzero(self.owners[:, 0] == patient)
         centred = image - image.mean()
