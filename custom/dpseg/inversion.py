@@ -373,6 +373,38 @@ def _pixel_search(matching: Matching, label: torch.Tensor | None, generator: tor
     return (*best, initial, None)
 
 
+def _prior_guess(prior: ImagePrior, label: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """The prior's guess without the update, (B, 1, H, W): per image the public slice whose mask is
+    closest to the known one, or the public mean image where the label is not known."""
+    if label is None:
+        return prior.decode(torch.zeros(batch, len(prior.scales)))
+    reference = [int(prior.closest_masks(label[b, 0].numpy(), 1)[0]) for b in range(batch)]
+    return torch.cat([torch.from_numpy(prior.slices[i])[None, None] for i in reference])
+
+
+def _ranked_candidates(matching: Matching, label: torch.Tensor | None, prior: ImagePrior,
+                       initial: torch.Tensor) -> list[list[int]]:
+    """Per image of the batch, the public slices to start from (those with the masks closest to the
+    known one and ``prior_spread`` spread through the public set), best first by the exact
+    matching loss with the other images held at ``initial``."""
+    settings = matching.settings
+    targets = label if label is not None else torch.zeros(matching.shape)
+    ranked = []
+    for b in range(matching.shape[0]):
+        pool = prior.spread(settings.prior_spread)
+        if label is not None:
+            pool = np.unique(np.concatenate([prior.closest_masks(label[b, 0].numpy(), settings.prior_candidates), pool]))
+        scores = []
+        for i in pool:
+            images, target = initial.clone(), targets.clone()
+            images[b] = torch.from_numpy(prior.slices[i])[None]
+            if label is None:
+                target[b] = torch.from_numpy(prior.labels[i])[None]
+            scores.append((matching.exact_loss(images, _as_target(target, label)), int(i)))
+        ranked.append([i for _, i in sorted(scores)])
+    return ranked
+
+
 def _prior_search(matching: Matching, label: torch.Tensor | None, generator: torch.Generator, progress,
                   prior: ImagePrior) -> tuple:
     """Search in the prior's coefficients. Starting points: public slices (those whose mask is
@@ -384,30 +416,9 @@ def _prior_search(matching: Matching, label: torch.Tensor | None, generator: tor
     checked every 50 iterations, picks the result. ``initial``: the prior's guess without the
     update (the public slice whose mask is closest to the known one; the public mean image for a
     joint label)."""
-    settings, shape = matching.settings, matching.shape
-    batch = shape[0]
-    mask_of = (lambda i: torch.from_numpy(prior.labels[i])[None, None])
-    image_of = (lambda i: torch.from_numpy(prior.slices[i])[None, None])
-    if label is not None:
-        reference = [int(prior.closest_masks(label[b, 0].numpy(), 1)[0]) for b in range(batch)]
-        initial = torch.cat([image_of(i) for i in reference])
-        targets = label
-    else:
-        initial = prior.decode(torch.zeros(batch, len(prior.scales)))
-        targets = torch.zeros(shape)
-    ranked = []
-    for b in range(batch):  # rank image b's candidates, the other images held at the initial guess
-        pool = prior.spread(settings.prior_spread)
-        if label is not None:
-            pool = np.unique(np.concatenate([prior.closest_masks(label[b, 0].numpy(), settings.prior_candidates), pool]))
-        scores = []
-        for i in pool:
-            images, target = initial.clone(), targets.clone()
-            images[b] = image_of(i)[0]
-            if label is None:
-                target[b] = mask_of(i)[0]
-            scores.append((matching.exact_loss(images, _as_target(target, label)), int(i)))
-        ranked.append([i for _, i in sorted(scores)])
+    settings, batch = matching.settings, matching.shape[0]
+    initial = _prior_guess(prior, label, batch)
+    ranked = _ranked_candidates(matching, label, prior, initial)
     bound = settings.intensity_shift
     best = None
     for restart in range(settings.restarts):
