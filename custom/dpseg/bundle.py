@@ -19,14 +19,17 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
+from dpseg.shipped import shipped
+
 BUNDLE_NAME = "ct_liver_seg"
 ENV_BUNDLE_DIR = "DPSEG_BUNDLE_DIR"
 
 
 def default_bundle_dir() -> Path:
-    """The installed bundle: ``$DPSEG_BUNDLE_DIR`` if set, else ``<repo>/bundles/ct_liver_seg``."""
+    """The installed bundle: ``$DPSEG_BUNDLE_DIR`` if set, else the shipped ``bundles/ct_liver_seg``
+    (``dpseg.shipped``: the checkout's, or the installed copy)."""
     configured = os.environ.get(ENV_BUNDLE_DIR)
-    path = Path(configured) if configured else Path(__file__).resolve().parents[2] / "bundles" / BUNDLE_NAME
+    path = Path(configured) if configured else shipped(f"bundles/{BUNDLE_NAME}")
     if not (path / "configs" / "train.json").is_file():
         source = f"${ENV_BUNDLE_DIR}={configured}" if configured else "the package's bundles/ folder"
         raise FileNotFoundError(f"no MONAI bundle at {path} (from {source}): configs/train.json is missing")

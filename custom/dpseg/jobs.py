@@ -18,10 +18,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from dpseg.shipped import shipped
 from dpseg.simulator import SIMULATOR_RACE, WORKER_MIXUP
 from dpseg.site import DEFAULT_TOTAL_DELTA
 
-JOBS_DIR = Path(__file__).resolve().parents[2] / "jobs"
+JOBS_DIR = shipped("jobs")
 SERVER_CONFIG = Path("app") / "config" / "config_fed_server.json"
 CLIENT_CONFIG = Path("app") / "config" / "config_fed_client.json"
 SITE_LEARNER = "dpseg.learner.SiteLearner"  # the executor the training jobs name at each site
