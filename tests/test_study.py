@@ -145,3 +145,43 @@ def test_the_study_command_refuses_audits_alone_without_published_runs(cohort, t
                       "--out", str(tmp_path / "out"))
     assert missing.returncode == 2 and "study_quick.json is missing" in missing.stderr, missing.stderr
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())  # nothing started
+
+
+def test_a_stopped_study_goes_on_from_its_published_results_without_its_work_folder(cohort, tmp_path):
+    from dpseg.study import run_study
+
+    grid, out, messages = replace(GRIDS["quick"], seeds=[0, 1]), tmp_path / "out", []
+
+    def stop_at_the_second_run(message: str) -> None:
+        messages.append(message)
+        if message.startswith("[2/2]"):
+            raise KeyboardInterrupt  # the study is stopped while its second run starts
+
+    with pytest.raises(KeyboardInterrupt):
+        run_study(Study(grid, cohort, tmp_path / "work", out, progress=stop_at_the_second_run), only={"public"},
+                  audit=False)
+    partial = json.loads((out / "study_quick.json").read_text())
+    assert partial["complete"] is False and partial["planned"] == {"runs": 2, "audits": 0}
+    assert [(r["arm"], r["seed"]) for r in partial["runs"]] == [("public model alone", 0)]
+    page = (out / "results_quick.md").read_text()
+    assert "**Not complete**: 1 of 2 training runs and 0 of 0 audits so far" in page
+    (out / "results_quick.md").write_text(page + "\n## Notes kept by hand\n\nwritten by a person\n")
+
+    # on another machine: no work folder, the out folder's results only
+    again = []
+    results = run_study(Study(grid, cohort, tmp_path / "other_work", out, progress=again.append), only={"public"},
+                        audit=False)
+    assert again[0].startswith("study 'quick': 2 training runs and 0 audits, 1 runs and 0 audits kept from earlier")
+    assert any(m.startswith("[1/2] public model alone, seed 0: finished earlier") for m in again)
+    assert results["complete"] is True and results["runs"][0] == partial["runs"][0]
+    assert [(r["arm"], r["seed"]) for r in results["runs"]] == [("public model alone", 0), ("public model alone", 1)]
+    page = (out / "results_quick.md").read_text()
+    assert "Not complete" not in page and page.endswith("## Notes kept by hand\n\nwritten by a person\n")
+
+    # results of other training settings keep nothing: they are replaced
+    other, last = replace(grid, rounds=grid.rounds + 1, seeds=[0]), []
+    replaced = run_study(Study(other, cohort, tmp_path / "third_work", out, progress=last.append), only={"public"},
+                         audit=False)
+    assert "none of its runs is kept" in last[0] and not any("finished earlier" in m for m in last)
+    assert json.loads((out / "study_quick.json").read_text())["grid"]["rounds"] == other.rounds
+    assert replaced["complete"] is True

@@ -414,7 +414,7 @@ def _study_commands(sub) -> None:
     p = sub.add_parser("study", help="the privacy-utility study: local, pooled, FL, FL+DP at several epsilons, "
                                       "and the audit at each; writes results.md and figures")
     p.add_argument("--grid", choices=["quick", "full"], default="full",
-                   help="full: default cohort, 20 rounds, 3 seeds (hours); quick: small cohort, 1 seed (~17 min)")
+                   help="full: default cohort, 10 rounds, 3 seeds and an ablation (hours); quick: small cohort, 1 seed (~20 min)")
     p.add_argument("--quick", dest="grid", action="store_const", const="quick", help="same as --grid quick")
     p.add_argument("--data", help="cohort root with site-*/datalist.json and a pooled datalist.json "
                                    "(default: a synthetic cohort written into the work folder)")

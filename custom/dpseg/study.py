@@ -431,60 +431,96 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, {mem:.0f} GiB, {platform.system()} {platform.machine()}, no GPU used"
 
 
+def published(study: Study) -> dict | None:
+    """The study's results in its out folder (``study_<grid>.json``), or None where there are none."""
+    path = study.out / f"study_{study.grid.name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def same_training(study: Study, results: dict) -> bool:
+    """Whether published ``results`` were trained with this grid's training settings on this cohort."""
+    return study.grid.recorded(results.get("grid", {}), audit=False) and results.get("cohort") == study.cohort_note
+
+
 def published_runs(study: Study) -> list[dict]:
     """The training runs of the study's results in its out folder (``study_<grid>.json``), checked
     to have this grid's training settings and cohort."""
     path = study.out / f"study_{study.grid.name}.json"
-    if not path.exists():
+    results = published(study)
+    if results is None:
         raise FileNotFoundError(f"{path} is missing: the audits alone can only be rerun for a study whose "
                                 "results are there")
-    published = json.loads(path.read_text())
-    if not study.grid.recorded(published.get("grid", {}), audit=False) or published.get("cohort") != study.cohort_note:
+    if not same_training(study, results):
         raise ValueError(f"{path} holds a study of other training settings or another cohort "
-                         f"({published.get('grid')}, {published.get('cohort')}); its runs cannot be kept")
-    return published["runs"]
+                         f"({results.get('grid')}, {results.get('cohort')}); its runs cannot be kept")
+    return results["runs"]
+
+
+def kept_published(study: Study) -> dict[tuple[str, int], dict]:
+    """The training runs already in the out folder's results, by (arm, seed), where those results
+    have this grid's training settings and cohort (a study stopped part-way, perhaps on another
+    machine, goes on from them without its work folder); none otherwise (the results of other
+    settings are replaced when this study writes its own)."""
+    results = published(study)
+    if results is None:
+        return {}
+    if not same_training(study, results):
+        study.progress(f"{study.out / f'study_{study.grid.name}.json'} holds a study of other training settings "
+                       "or another cohort: none of its runs is kept, and this study's results replace it")
+        return {}
+    return {(r["arm"], r["seed"]): r for r in results["runs"]}
 
 
 def run_study(study: Study, only: set[str] | None = None, audit: bool = True, audits_only: bool = False) -> dict:
     """Run the grid (arms whose kind is in ``only``, all by default), then the audits; writes the
-    results and returns them. ``audits_only``: train nothing; the training runs are those of the
-    results already in the out folder (``published_runs``), the audits are run (or kept) anew."""
+    results after every run and audit (marked incomplete until the last) and returns them.
+
+    A training run is kept, not trained again, where the work folder holds its result or the out
+    folder's results (``kept_published``) hold it. ``audits_only``: train nothing; the training runs
+    are those of the results already in the out folder (``published_runs``), the audits are run (or
+    kept) anew."""
     g = study.grid
     if audits_only and not audit:
         raise ValueError("audits_only with audit off leaves nothing to run")
-    published = published_runs(study) if audits_only else []
+    from_out = published_runs(study) if audits_only else []
     # every seed's headline arms first, then the ablation (its arms compare with seed 0's shipped job)
     plan = sorted(((arm, seed) for seed in g.seeds for arm in study.arms(seed) if (not only or arm.kind in only)
                    and not audits_only), key=lambda p: bool(p[0].ablation))
     levels = [None] + list(g.epsilons) if audit else []
     planned = [g.run_minutes(arm.kind, arm.slices_per_patient) for arm, _ in plan]
     # every kept result is checked before anything starts: one of other settings stops the study here
-    kept_runs = [kept_result(arm_folder(study, arm, seed), g) is not None for arm, seed in plan]
+    kept_work = [kept_result(arm_folder(study, arm, seed), g) for arm, seed in plan]
+    out_runs = kept_published(study) if plan else {}
+    kept_runs = [w if w is not None else out_runs.get((arm.name, seed)) for w, (arm, seed) in zip(kept_work, plan)]
     kept_audits = [kept_result(audit_folder(study, level), g, audit=True) is not None for level in levels]
-    estimate = sum(m for m, k in zip(planned, kept_runs) if not k) + kept_audits.count(False) * g.minutes_per_audit
+    estimate = sum(m for m, k in zip(planned, kept_runs) if k is None) + kept_audits.count(False) * g.minutes_per_audit
     if audits_only:
         what = (f"the {len(levels)} audits alone, {sum(kept_audits)} kept from earlier (training runs: the "
-                f"{len(published)} of {study.out / f'study_{g.name}.json'})")
+                f"{len(from_out)} of {study.out / f'study_{g.name}.json'})")
     else:
-        kept_note = f", {sum(kept_runs)} runs and {sum(kept_audits)} audits kept from earlier" if any(kept_runs + kept_audits) else ""
+        kept = sum(k is not None for k in kept_runs)
+        kept_note = f", {kept} runs and {sum(kept_audits)} audits kept from earlier" if kept or any(kept_audits) else ""
         what = f"{len(plan)} training runs and {len(levels)} audits{kept_note}"
     study.progress(f"study '{g.name}': {what}; estimated {estimate:.0f} min to go on a 2-core CPU "
                    f"(work folder {study.work})")
-    runs, new_minutes, new_planned = list(published), 0.0, 0.0
+    runs, audits, new_minutes, new_planned = list(from_out), [], 0.0, 0.0
+    planned_count = (len(runs) + len(plan), len(levels))
     for n, (arm, seed) in enumerate(plan, 1):
+        if kept_runs[n - 1] is not None:
+            runs.append(kept_runs[n - 1])
+            study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed}: finished earlier ({runs[-1]['finished']}), "
+                           f"mean test Dice {runs[-1]['mean_dice']:.3f}; kept")
+            continue
         study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed} ...")
         started = time.perf_counter()
         runs.append(train_arm(study, arm, seed))
         r = runs[-1]
-        if kept_runs[n - 1]:
-            study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed}: finished earlier ({r['finished']}), "
-                           f"mean test Dice {r['mean_dice']:.3f}; kept")
-            continue
         new_minutes, new_planned = new_minutes + (time.perf_counter() - started) / 60, new_planned + planned[n - 1]
-        left = sum(planned[n:]) * new_minutes / new_planned + len(levels) * g.minutes_per_audit
+        left = sum(p for p, k in zip(planned[n:], kept_runs[n:]) if k is None) * new_minutes / new_planned \
+            + kept_audits.count(False) * g.minutes_per_audit
         study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed}: mean test Dice {r['mean_dice']:.3f} in "
                        f"{r['wall_seconds']:.0f} s; about {left:.0f} min left")
-    audits = []
+        write_results(study, collect(study, runs, audits, planned_count))
     if not all(kept_audits):
         build_prior(study)
     for level in levels:
@@ -494,18 +530,40 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True, au
         study.progress(f"audit {audits[-1]['level']}: SSIM {m.get('ssim', float('nan')):.3f} "
                        f"(baseline {m.get('baseline_ssim', float('nan')):.3f}), identified "
                        f"{m.get('identified', float('nan')):.2f}, {audits[-1]['wall_seconds']:.0f} s")
-    done = sorted(r["finished"] for r in runs + audits)
-    results = {"grid": asdict(g), "cohort": study.cohort_note, "date": done[0] if done[0] == done[-1] else f"{done[0]} to {done[-1]}",
-               "machine": machine(), "sites": study.sites,
-               "total_minutes": sum(r.get("elapsed_seconds", r["wall_seconds"]) for r in runs + audits) / 60,
-               "runs": runs, "summary": summarize(runs), "audits": audits}
+        if len(audits) < len(levels):
+            write_results(study, collect(study, runs, audits, planned_count))
+    results = collect(study, runs, audits, planned_count)
     write_results(study, results)
     return results
 
 
+def collect(study: Study, runs: list[dict], audits: list[dict], planned: tuple[int, int]) -> dict:
+    """The study's results from the ``runs`` and ``audits`` done so far of the ``planned`` (training
+    runs, audits); ``complete`` once all are done."""
+    done = sorted(r["finished"] for r in runs + audits)
+    return {"grid": asdict(study.grid), "cohort": study.cohort_note,
+            "complete": (len(runs), len(audits)) == planned,
+            "planned": {"runs": planned[0], "audits": planned[1]},
+            "date": (done[0] if done[0] == done[-1] else f"{done[0]} to {done[-1]}") if done else "",
+            "machine": machine(), "sites": study.sites,
+            "total_minutes": sum(r.get("elapsed_seconds", r["wall_seconds"]) for r in runs + audits) / 60,
+            "runs": runs, "summary": summarize(runs), "audits": audits}
+
+
+NOTES_HEADING = "## Notes kept by hand"
+
+
+def kept_notes(md: Path) -> str:
+    """The part of a results page that the study does not write: from ``NOTES_HEADING`` to the end
+    ("" where the page or the heading is missing)."""
+    text = md.read_text() if md.exists() else ""
+    return "\n" + text[text.index(NOTES_HEADING):] if NOTES_HEADING in text else ""
+
+
 def write_results(study: Study, results: dict) -> Path:
     """``study_<grid>.json`` (example folders relative to the work folder), the figures and
-    ``results.md`` (full grid) or ``results_<grid>.md``."""
+    ``results.md`` (full grid) or ``results_<grid>.md``, whose notes kept by hand (``kept_notes``)
+    stay as they are."""
     from dpseg.studyreport import write_figures, write_markdown
 
     study.out.mkdir(parents=True, exist_ok=True)
@@ -513,8 +571,12 @@ def write_results(study: Study, results: dict) -> Path:
     figures = write_figures(results, study.out / "figures")
     shareable = {**results, "audits": [{**a, "examples": [str(Path(e).relative_to(study.work)) for e in a["examples"]]}
                                        for a in results["audits"]]}  # no paths of this machine
-    (study.out / f"study_{name}.json").write_text(json.dumps(shareable, indent=1) + "\n")
+    text = json.dumps(shareable, indent=1) + "\n"
+    write_whole(study.out / f"study_{name}.json", lambda tmp: tmp.write_text(text))
     md = study.out / ("results.md" if name == "full" else f"results_{name}.md")
-    md.write_text(write_markdown(results, {k: p.relative_to(study.out) for k, p in figures.items()}))
-    study.progress(f"wrote {md}")
+    page = write_markdown(results, {k: p.relative_to(study.out) for k, p in figures.items()}) + kept_notes(md)
+    write_whole(md, lambda tmp: tmp.write_text(page))
+    study.progress(f"wrote {md}" + ("" if results["complete"] else
+                   f" ({len(results['runs'])} of {results['planned']['runs']} training runs, "
+                   f"{len(results['audits'])} of {results['planned']['audits']} audits so far)"))
     return md

@@ -43,6 +43,16 @@ def ablation_table(results: dict) -> list[str]:
     return lines
 
 
+def partial_note(results: dict) -> list[str]:
+    """Markdown lines saying how much of the study is done, where it is not complete (none where it is)."""
+    if results.get("complete", True):
+        return []
+    planned = results["planned"]
+    return [f"**Not complete**: {len(results['runs'])} of {planned['runs']} training runs and "
+            f"{len(results['audits'])} of {planned['audits']} audits so far. `dpseg study` with the same grid "
+            "and out folder goes on from here (it keeps the runs this page's JSON holds).", ""]
+
+
 def write_figures(results: dict, folder: Path) -> dict[str, Path]:
     import matplotlib
 
@@ -112,6 +122,7 @@ def write_markdown(results: dict, figures: dict[str, Path]) -> str:
     sites = results["sites"]
     lines = [f"# Privacy-utility study ({g['name']} grid)", "",
              f"Run {results['date']} on {results['machine']}; {results['total_minutes']:.0f} min in all.", "",
+             *partial_note(results),
              f"Settings: {results.get('cohort', 'synthetic cohort')}, sites " + ", ".join(sites) +
              f" (each site's own split into training / validation / test); {g['rounds']} round(s) x "
              + (f"{g['local_steps']} steps at public Poisson rate {g['sample_rate']:g} (FL, FL+DP; update divided by "
