@@ -83,17 +83,21 @@ def test_audit_cli_on_a_saved_update(bundle, cohort, tmp_path):
     assert missing.returncode == 2 and "--model" in missing.stderr
 
 
-def test_privacy_bounds_for_the_slice_and_for_the_patient():
+def test_privacy_bounds_for_the_slice_and_the_patient_with_and_without_the_mask():
     from dpseg.auditor import privacy_bounds
-    from dpseg.privacy import reconstruction_bound_eps_delta
+    from dpseg.privacy import reconstruction_bound, reconstruction_bound_eps_delta
 
-    assert privacy_bounds({"dp": False}, 1e-3, 0.1) == {"dp": False}
-    dp = {"dp": True, "epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.5, "sample_rate": 0.05, "steps": 100}
-    bounds = privacy_bounds(dp, 1e-3, 0.1)
+    chances = {"chance": 1e-3, "patient_chance": 0.1, "chance_mask": 0.5, "patient_chance_mask": 1.0}
+    assert privacy_bounds({"dp": False}, chances) == {"dp": False}
+    dp = {"dp": True, "epsilon": 1.0, "delta": 1e-5, "noise_multiplier": 1.5, "sample_rate": 0.05, "steps": 10,
+          "planned_steps": 100}
+    bounds = privacy_bounds(dp, chances)
     assert bounds["bound_eps_delta"] == reconstruction_bound_eps_delta(1.0, 1e-5, 1e-3)
     assert bounds["bound_patient_eps_delta"] == pytest.approx(2.718281828 * 0.1 + 1e-5)
-    assert bounds["bound_gdp"] < bounds["bound_patient_gdp"] < 1
-    assert "bound_patient_eps_delta" not in privacy_bounds(dp, 1e-3)  # no patient count, no patient bound
+    # the tight bound is on the job's whole profile (its planned steps, not the 10 so far)
+    assert bounds["bound"] == reconstruction_bound([(1.5, 0.05, 100)], 1e-3) > reconstruction_bound([(1.5, 0.05, 10)], 1e-3)
+    assert bounds["bound"] < bounds["bound_patient"] < bounds["bound_mask"] < bounds["bound_patient_mask"] == 1.0
+    assert "bound_patient" not in privacy_bounds(dp, {"chance": 1e-3})  # no patient count, no patient bound
 
 
 def test_the_audit_workflow_takes_the_jobs_attack_and_refuses_what_sites_set():

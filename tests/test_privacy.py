@@ -120,15 +120,38 @@ def test_a_stopped_job_continues_its_saved_accountant_from_the_ledger(tmp_path):
 
 
 def test_reconstruction_bounds():
-    from dpseg.privacy import reconstruction_bound_eps_delta, reconstruction_bound_gdp
+    from dpseg.privacy import reconstruction_bound, reconstruction_bound_eps_delta
 
     chance = 1 / 1000
     assert reconstruction_bound_eps_delta(0.0, 0.0, chance) == pytest.approx(chance)
     assert reconstruction_bound_eps_delta(1.0, 1e-5, chance) == pytest.approx(2.718281828 * chance + 1e-5)
     assert reconstruction_bound_eps_delta(8.0, 1e-5, chance) == 1.0  # vacuous at epsilon 8 for 1000 slices
-    # GDP: more noise -> closer to chance; no noise -> 1; more steps -> larger
-    strong = reconstruction_bound_gdp(10.0, 0.02, 100, chance)
-    weak = reconstruction_bound_gdp(0.8, 0.02, 100, chance)
+    # the tight bound: more noise -> closer to chance; more steps -> larger; no chance -> nothing
+    strong = reconstruction_bound([(10.0, 0.02, 100)], chance)
+    weak = reconstruction_bound([(0.8, 0.02, 100)], chance)
     assert chance < strong < weak < 1.0
-    assert reconstruction_bound_gdp(0.01, 0.5, 1, chance) == 1.0
-    assert reconstruction_bound_gdp(0.8, 0.02, 400, chance) > weak
+    assert reconstruction_bound([(0.8, 0.02, 400)], chance) > weak
+    assert reconstruction_bound([(0.8, 0.02, 100)], 0.0) == 0.0
+    with pytest.raises(ValueError, match="a probability"):
+        reconstruction_bound([(0.8, 0.02, 100)], 1.5)
+
+
+@pytest.mark.parametrize("q, sigma, kappa", [(1.0, 1.0, 1e-3), (0.25, 1.0, 1e-3), (0.25, 0.5, 1e-2), (0.5, 2.0, 5e-4)])
+def test_the_tight_reconstruction_bound_of_one_step_is_its_closed_form(q, sigma, kappa):
+    """One step of the Poisson-subsampled Gaussian: the best test of 'in' against 'out' at level
+    kappa rejects for large x (Neyman-Pearson), so the bound is (1 - q) kappa + q Phi(Phi^-1(kappa) + 1/sigma);
+    computed here by hand, not by the accountant. The accountant's profile, taken from above, gives
+    at most 2% more (its discretisation: e^0.01 and 1e-9)."""
+    from scipy.stats import norm
+
+    from dpseg.privacy import reconstruction_bound
+
+    closed = (1 - q) * kappa + q * norm.cdf(norm.ppf(kappa) + 1 / sigma)
+    assert closed <= reconstruction_bound([(sigma, q, 1)], kappa) <= closed * 1.02 + 1e-8
+
+
+def test_the_tight_bound_at_the_demo_job_is_far_below_the_loose_one():
+    from dpseg.privacy import reconstruction_bound, reconstruction_bound_eps_delta
+
+    demo = [(2.476, 0.25, 240)]  # jobs/fed_dp at epsilon 8: 10 rounds x 24 steps, rate 0.25
+    assert reconstruction_bound(demo, 1 / 1512) < 0.1 < reconstruction_bound_eps_delta(8.0, 1e-5, 1 / 1512) == 1.0

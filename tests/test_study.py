@@ -72,7 +72,8 @@ def test_results_page_and_figures(tmp_path):
              "summary": {"attack": {"iterations": 20, "restarts": 1, "label": "known", "prior": "synthetic"},
                          "scored": 2, "mean": {"ssim": 0.3, "baseline_ssim": 0.5, "identified": 0.5, "psnr": 12.0,
                                                "slice_rank": 3.5, "baseline_slice_rank": 250.0,
-                                               "patient_identified": 1.0, "patient_chance": 0.1}}}
+                                               "patient_identified": 1.0, "patient_chance": 0.1,
+                                               "ssim_aligned": 0.4, "informed_identified": 1.0, "chance_mask": 0.5}}}
     results = {"grid": {**GRIDS["quick"].__dict__}, "date": "2026-01-01 00:00 UTC", "machine": "test CPU",
                "sites": ["site-1", "site-2"], "total_minutes": 3.0, "runs": runs, "summary": summarize(runs),
                "audits": [audit]}
@@ -83,7 +84,9 @@ def test_results_page_and_figures(tmp_path):
     assert "| FL+DP eps 8 | 0.750 | 1 seed | 0.800 | 0.700 | 7.99 | 60 |" in md
     assert "Dice gap, FL without DP minus FL with DP: eps 8: +0.100, eps 1: +0.300." in md  # no ablation arm
     assert "| FL+DP eps 8, decoder layers only | 0 | 0.770 | 0.750 | +0.020 | 60 | 60 |" in md
-    assert "| no DP | 2 | 0.300 | 0.500 | 12.0 | 0.50 | 4 | 250 | - | - | - | 1.00 | 0.100 | - | - |" in md
+    assert ("| no DP | 2 | 0.300 | 0.400 | 0.500 | 12.0 | 0.50 | 4 | 250 | 1.00 | - | - | 0.50 | - | 1.00 | 0.100 "
+            "| - | - | - |") in md
+    assert "GDP" not in md  # the central-limit approximation is gone: at 1-2 steps it is wrong both ways
     assert "the true label mask given to the attacker" in md and "prior synthetic" in md
     assert "![Privacy and utility](figures/quick_privacy_utility.png)" in md
     json.dumps(results)  # the results are plain JSON

@@ -40,10 +40,11 @@ from dpseg.auditresults import (RELEASE_AGGREGATE, RELEASE_NONE, SITE_RESULTS_FI
                                 released_means, site_audit_folder, write_site_results)
 from dpseg.bundle import Bundle
 from dpseg.datalist import resolve
-from dpseg.inversion import AttackSettings, Reconstruction, invert
-from dpseg.metrics import mse, psnr, ranking, ssim
+from dpseg.identification import candidate_scores, identification
+from dpseg.inversion import AttackSettings, Reconstruction, invert, observed_descent
+from dpseg.metrics import mse, psnr, ranking, ssim, ssim_aligned
 from dpseg.prior import ImagePrior, load_prior
-from dpseg.privacy import reconstruction_bound_eps_delta, reconstruction_bound_gdp
+from dpseg.privacy import reconstruction_bound, reconstruction_bound_eps_delta
 from dpseg.slices import SliceSet
 from dpseg.wire import AUDIT_TASK, ERROR_HEADER, PrivacyMeta, error_header
 from dpseg.workspace import allow_list_refusal
@@ -55,17 +56,19 @@ AUDIT_LOG = "audit.log"  # in the site's audit folder
 def score(reconstruction: np.ndarray, truths: np.ndarray, site_slices: SliceSet | None = None,
           true_indices: list[int] | None = None) -> dict:
     """Metrics of reconstructions (R, H, W) against the true images (T, H, W): for each true image
-    the best-matching reconstruction's SSIM, PSNR (dB) and MSE, averaged over the true images; with
+    the best-matching reconstruction's SSIM, PSNR (dB) and MSE, and the best SSIM after a
+    least-squares intensity alignment (``ssim_aligned``), averaged over the true images; with
     ``site_slices`` (the site's training slices), identification: its slices ranked by similarity to that reconstruction,
     ``slice_rank`` of the true slice and ``patient_rank`` of the true patient's first slice (1 is
     the top), and the share of true images identified (rank 1) as the slice (``identified``) or as
     the patient (``patient_identified``)."""
-    out = {"ssim": [], "psnr": [], "mse": [], "identified": [], "patient_identified": [], "slice_rank": [],
-           "patient_rank": []}
+    out = {"ssim": [], "ssim_aligned": [], "psnr": [], "mse": [], "identified": [], "patient_identified": [],
+           "slice_rank": [], "patient_rank": []}
     for t, truth in enumerate(truths):
         scores = [ssim(r, truth) for r in reconstruction]
         best = reconstruction[int(np.argmax(scores))]
         out["ssim"].append(max(scores))
+        out["ssim_aligned"].append(max(ssim_aligned(r, truth) for r in reconstruction))
         out["psnr"].append(psnr(best, truth))
         out["mse"].append(mse(best, truth))
         if site_slices is not None and true_indices is not None:
@@ -104,13 +107,19 @@ def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dic
     slices; a blank slice; the mean of ``site_slices``; ``baseline_ssim`` is the best of them, and the
     attack's own guess is also identified against ``site_slices``: ``baseline_identified``,
     ``baseline_patient_identified``, ``baseline_slice_rank``, ``baseline_patient_rank``),
-    identification against ``site_slices`` with its chance level, and for a DP update the theoretical
-    bound on identification success. With ``out_dir`` the reconstruction, the truth and a
+    identification against ``site_slices`` with its chance levels (``chance``: 1 / slices; with the
+    mask given, ``chance_mask``: ``SliceSet.mask_chances``), the informed adversary's identification
+    where ``site_slices`` holds the masks (``informed_attack``), and for a DP update the bounds on
+    identification success (``privacy_bounds``). With ``out_dir`` the reconstruction, the truth and a
     side-by-side PNG are written there (the site's own folder).
     """
     if settings.label == "known":
         settings = AttackSettings(**{**asdict(settings), "batch_size": len(images)})
     shape = tuple(images.shape[-2:])
+    informed = {}
+    if site_slices is not None and site_slices.labels is not None:  # before the inversion, on the global weights
+        true_at = [site_slices.locate(t, p) for t, p in zip(images[:, 0].numpy(), patients)]
+        informed = informed_attack(network, loss_fn, update, site_slices, true_at, privacy, settings.local_lr)
     rec: Reconstruction = invert(network, loss_fn, update, settings, shape,
                                  label=labels if settings.label == "known" else None, progress=progress, prior=prior)
     recon, truths = rec.unshifted()[:, 0].numpy(), images[:, 0].numpy()
@@ -120,7 +129,8 @@ def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dic
         truths = site_slices.slices[true_indices]
     metrics = {"patients_in_update": len(images), "label": settings.label, "simulate": settings.simulate,
                "prior": settings.prior, "iterations": rec.iterations, "restarts": settings.restarts,
-               "seconds": rec.seconds, "matching_loss": rec.matching_loss, **score(recon, truths, site_slices, true_indices)}
+               "seconds": rec.seconds, "matching_loss": rec.matching_loss, **score(recon, truths, site_slices, true_indices),
+               **informed}
     guess = score(rec.initial[:, 0].numpy(), truths, site_slices, true_indices)
     metrics[f"baseline_ssim_{rec.initial_kind}"] = guess["ssim"]
     metrics.update({f"baseline_{k}": guess[k] for k in ("identified", "patient_identified", "slice_rank",
@@ -134,27 +144,51 @@ def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dic
         metrics["chance"] = 1.0 / len(site_slices)
         metrics["cohort_patients"] = len(np.unique(site_slices.owners[:, 0]))
         metrics["patient_chance"] = 1.0 / metrics["cohort_patients"]
+        given = np.array([site_slices.mask_chances(i) for i in true_indices])
+        metrics["chance_mask"], metrics["patient_chance_mask"] = (float(v) for v in given.mean(axis=0))
     metrics["baseline_ssim"] = max(v for k, v in metrics.items() if k.startswith("baseline_ssim_"))
-    metrics.update(privacy_bounds(privacy, metrics.get("chance"), metrics.get("patient_chance")))
+    metrics.update(privacy_bounds(privacy, {k: metrics[k] for k in CHANCES if k in metrics}))
     if out_dir is not None:
         save_reconstruction(Path(out_dir), recon, truths, metrics)
     return metrics
 
 
-def privacy_bounds(privacy: dict | None, chance: float | None, patient_chance: float | None = None) -> dict:
-    """DP facts of the audited update and, with chance levels, the bounds on identification of the
-    slice (``chance``: 1 / slices) and of the patient (``patient_chance``: 1 / patients; the DP unit
-    is a patient, so the same bounds hold with the patient as the thing to identify)."""
+def informed_attack(network: torch.nn.Module, loss_fn, update: dict, site_slices: SliceSet, true_indices: list[int],
+                    privacy: dict | None, learning_rate: float) -> dict:
+    """The informed adversary's identification (``dpseg.identification``) of the update's slices
+    among ``site_slices`` (with their masks), and its time (``informed_seconds``)."""
+    started = time.perf_counter()
+    names = [n for n, p in network.named_parameters() if p.requires_grad]
+    images = torch.from_numpy(site_slices.slices[:, None])
+    labels = torch.from_numpy(site_slices.labels[:, None].astype(np.float32))
+    meta = PrivacyMeta.from_dict(privacy) if privacy else None
+    scores = candidate_scores(network, loss_fn, observed_descent(update, names), names, images, labels, meta,
+                              learning_rate)
+    return {**identification(scores, true_indices, site_slices.owners),
+            "informed_seconds": time.perf_counter() - started}
+
+
+# the chance levels of the audit's attackers: key of the chance -> suffix of its bounds' keys
+CHANCES = {"chance": "", "patient_chance": "_patient", "chance_mask": "_mask", "patient_chance_mask": "_patient_mask"}
+
+
+def privacy_bounds(privacy: dict | None, chances: dict[str, float]) -> dict:
+    """DP facts of the audited update and, for each chance level in ``chances`` (keys of ``CHANCES``:
+    the slice, 1 / slices, and the patient, 1 / patients, for an attacker not given the mask; the
+    same with the mask given, ``SliceSet.mask_chances``), bounds on identification: ``bound<unit>``
+    the tight one on the job's privacy profile over all its planned steps (``reconstruction_bound``),
+    ``bound<unit>_eps_delta`` the looser e^eps * chance + delta at the epsilon spent so far. The DP unit is a patient, so they hold for the patient too."""
     meta = PrivacyMeta.from_dict(privacy) if privacy else None
     if meta is None or not meta.dp:
         return {"dp": False}
     out = {"dp": True, "epsilon": meta.epsilon, "delta": meta.delta, "noise_multiplier": meta.noise_multiplier,
            "sample_rate": meta.sample_rate, "steps": meta.steps}
-    for unit, baseline in (("", chance), ("_patient", patient_chance)):
-        if baseline is not None:
-            out[f"bound{unit}_eps_delta"] = reconstruction_bound_eps_delta(meta.epsilon, meta.delta, baseline)
-            out[f"bound{unit}_gdp"] = reconstruction_bound_gdp(meta.noise_multiplier, meta.sample_rate, meta.steps,
-                                                               baseline)
+    # the job's whole profile (every step of every round: what the server sees by the job's end)
+    history = [(meta.noise_multiplier, meta.sample_rate, meta.planned_steps or meta.steps)]
+    for key, unit in CHANCES.items():
+        if key in chances:
+            out[f"bound{unit}"] = reconstruction_bound(history, chances[key])
+            out[f"bound{unit}_eps_delta"] = reconstruction_bound_eps_delta(meta.epsilon, meta.delta, chances[key])
     return out
 
 
@@ -223,7 +257,7 @@ class SiteAuditor(Executor):
             return _error_reply(f"audit refused: {err}")
         try:
             return self._execute(shareable, attack, fl_ctx)
-        except Exception as err:  # the server learns that the audit failed; the why stays at the site
+        except Exception:  # the server learns that the audit failed; the why stays at the site
             self.log_exception(fl_ctx, "audit failed")
             return _error_reply(error_header("audit"))
 
@@ -245,7 +279,8 @@ class SiteAuditor(Executor):
             settings = load_site_settings(site, root, None, require_ledger=False,
                                           edited_in=root.parent if job_id == SIMULATOR_JOB_ID else None)
             self.log_info(fl_ctx, "loading the site's training slices for identification")
-            self.site_slices = SliceSet(resolve(settings.datalist, "training"), bundle.volume_transforms())
+            self.site_slices = SliceSet(resolve(settings.datalist, "training"), bundle.volume_transforms(),
+                                        with_labels=True)
         key = (attack.get("prior", "none"), attack.get("prior_components", AttackSettings.prior_components))
         if key not in self.priors:  # built once, kept in the site's audit_prior_dir
             self.priors[key] = load_prior(key[0], audit_prior_dir(root), bundle.volume_transforms(), key[1],
@@ -292,7 +327,7 @@ class SiteAuditor(Executor):
         batch = batches[0]
         if not batch["patients"]:
             log(f"round {update['round']}: no patient in the audited update (empty Poisson sample)")
-            return {"patients_in_update": 0, **privacy_bounds(privacy, None)}
+            return {"patients_in_update": 0, **privacy_bounds(privacy, {})}
         settings = attack_settings(training, **attack, intensity_shift=bundle.intensity_shift())
         network = bundle.network()
         network.load_state_dict(update["global"], strict=True)

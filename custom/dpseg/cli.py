@@ -310,7 +310,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     cohort = None
     if args.datalist:
         print(f"loading the training slices of {args.datalist} for identification", flush=True)
-        cohort = SliceSet(resolve(Path(args.datalist), "training"), bundle.volume_transforms())
+        cohort = SliceSet(resolve(Path(args.datalist), "training"), bundle.volume_transforms(), with_labels=True)
     metrics = audit_update(network, bundle.loss(), update, settings, batch["images"], batch["labels"], cohort,
                            batch.get("patients"), meta.get(PRIVACY_META), Path(args.out) if args.out else None,
                            progress=lambda m: print(m, flush=True), prior=prior)

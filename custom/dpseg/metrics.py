@@ -22,6 +22,20 @@ def ssim(image: np.ndarray, truth: np.ndarray) -> float:
     return float(structural_similarity(truth, image, data_range=1.0))
 
 
+def aligned(image: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """``image`` after the least-squares intensity alignment a * image + b to ``truth`` (the network
+    is nearly blind to such affine changes, so an attack cannot be asked to recover them)."""
+    image, truth = _same_shape(image, truth)
+    design = np.stack([image.ravel(), np.ones(image.size)], axis=1)
+    (a, b), *_ = np.linalg.lstsq(design, truth.ravel(), rcond=None)
+    return a * image + b
+
+
+def ssim_aligned(image: np.ndarray, truth: np.ndarray) -> float:
+    """SSIM of ``image`` against ``truth`` after the least-squares intensity alignment (``aligned``)."""
+    return ssim(aligned(image, truth), truth)
+
+
 def psnr(image: np.ndarray, truth: np.ndarray) -> float:
     """Peak signal-to-noise ratio (dB, data range 1) of an image against the truth."""
     from skimage.metrics import peak_signal_noise_ratio

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -301,15 +302,35 @@ def reconstruction_bound_eps_delta(epsilon: float, delta: float, baseline: float
     return min(1.0, math.exp(epsilon) * baseline + delta)
 
 
-def reconstruction_bound_gdp(noise_multiplier: float, sample_rate: float, steps: int, baseline: float) -> float:
-    """The same bound from the hypothesis-testing view (Kaissis et al. 2023; Hayes, Mahloujifar and
-    Balle 2023): for mu-GDP, Phi(Phi^-1(baseline) + mu). mu of Poisson-subsampled DP-SGD by the
-    central-limit approximation (Bu, Dong, Long and Su 2020): q * sqrt(T * (exp(1 / sigma^2) - 1)).
-    An approximation (good for many steps at small q; optimistic for a few steps at small sigma),
-    not a certified bound."""
-    from scipy.stats import norm
+def reconstruction_bound(history: list[tuple[float, float, int]], baseline: float,
+                         eps_error: float = 0.01, delta_error: float = 1e-9) -> float:
+    """The tight reconstruction-robustness bound (Hayes, Mahloujifar and Balle 2023; Kaissis et al.
+    2023) on the job's own privacy profile: the probability that ANY attack identifies a training
+    patient (or slice) whose uninformed guess succeeds with probability ``baseline`` (kappa) is at
+    most min over epsilon >= 0 of [e^eps * kappa + delta(eps)], where delta(eps) is the privacy
+    profile, with the patient in against out (the direction a reconstruction needs), of the
+    Poisson-subsampled Gaussian mechanism composed over ``history`` [(noise multiplier, sample rate,
+    steps), ...] (every step of the job, all rounds). The profile is the PRV accountant's own (the
+    one the site's epsilon comes from), taken from above: delta(eps) <= estimate(eps - eps_error) +
+    delta_error, so the bound is an upper bound. For one step of rate q and multiplier sigma it is
+    (1 - q) * kappa + q * Phi(Phi^-1(kappa) + 1 / sigma) where the best epsilon is >= 0 (small kappa)."""
+    from opacus.accountants.prv import PRVAccountant
 
-    if noise_multiplier <= 0 or 1.0 / noise_multiplier ** 2 > 700:
+    if not 0.0 <= baseline <= 1.0:
+        raise ValueError(f"a chance level is a probability, not {baseline}")
+    if baseline == 0.0:
+        return 0.0  # e^eps * 0 + delta(eps) goes to 0 as epsilon grows
+    acc = PRVAccountant()
+    acc.history = [tuple(h) for h in history]
+    with np.errstate(divide="ignore"):  # log(1 - q) at q = 1: the mechanism is a plain Gaussian
+        dprv = acc._get_dprv(eps_error=eps_error, delta_error=delta_error)
+    t, p = dprv.domain.ts, dprv.pmf
+    tail = np.flip(np.flip(p).cumsum())  # P[L >= t_i]
+    tail_exp = np.flip(np.flip(p * np.exp(-t)).cumsum())  # E[e^-L; L >= t_i]
+    # at epsilon = t_i + eps_error (>= 0, and e^eps * kappa <= 1 where the bound can be below 1)
+    usable = (t >= 0) & (t + eps_error <= -math.log(baseline))
+    if not usable.any():
         return 1.0
-    mu = sample_rate * math.sqrt(steps * math.expm1(1.0 / noise_multiplier ** 2))
-    return float(norm.cdf(norm.ppf(baseline) + mu))
+    ti = t[usable]
+    delta = np.clip(tail[usable] - np.exp(ti) * tail_exp[usable], 0.0, None) + delta_error
+    return float(min(1.0, np.min(np.exp(ti + eps_error) * baseline + delta)))

@@ -19,10 +19,11 @@ from pathlib import Path
 from dpseg.auditresults import NOT_DP_NOTE, RELEASED_KEYS, SITE_RESULTS_FILE, find_site_results, read_site_results
 from dpseg.wire import AUDIT_FILE, BUNDLE_OUT, REJECTED_FILE, ROUNDS_FILE, SITE_ROUNDS_FILE
 
-AUDIT_KEYS = ("ssim", "psnr", "mse", "identified", "patient_identified", "slice_rank", "patient_rank",
-              "baseline_ssim", "baseline_identified", "baseline_patient_identified", "baseline_slice_rank", "chance",
-              "patient_chance", "bound_eps_delta", "bound_gdp", "bound_patient_eps_delta", "bound_patient_gdp",
-              "seconds")
+AUDIT_KEYS = ("ssim", "ssim_aligned", "psnr", "mse", "identified", "patient_identified", "slice_rank", "patient_rank",
+              "baseline_ssim", "baseline_identified", "baseline_patient_identified", "baseline_slice_rank",
+              "informed_identified", "informed_patient_identified", "informed_slice_rank", "chance", "patient_chance",
+              "chance_mask", "patient_chance_mask", "bound", "bound_patient", "bound_mask", "bound_patient_mask",
+              "bound_eps_delta", "bound_patient_eps_delta", "seconds", "informed_seconds")
 
 BEST_MODEL = "SRV_best_FL_global_model.pt"
 FINAL_MODEL = "SRV_FL_global_model.pt"
@@ -206,8 +207,14 @@ def format_site_audit(audit: dict) -> list[str]:
 def format_audit(audit: dict, title: str = "audit") -> list[str]:
     lines = ["", f"{title} ({_attack_text(audit.get('attack'))}): {audit['scored']} updates scored, "
              f"{audit['empty']} with no patient, {audit['failed']} failed"]
-    head = f"{'site':<10}{'round':>6}{'DP':>4}{'epsilon':>9}{'SSIM':>7}{'base':>7}{'PSNR':>7}{'ident':>7}" \
-           f"{'rank':>7}{'b.rank':>7}{'chance':>9}{'bound':>8}{'GDP~':>8}{'pat.id':>8}{'chance':>8}{'bound':>8}{'seconds':>9}"
+    columns = [("epsilon", "epsilon", ".2f", 9), ("SSIM", "ssim", ".3f", 7), ("aSSIM", "ssim_aligned", ".3f", 7),
+               ("base", "baseline_ssim", ".3f", 7), ("PSNR", "psnr", ".1f", 7), ("ident", "identified", ".2f", 7),
+               ("rank", "slice_rank", ".0f", 7), ("b.rank", "baseline_slice_rank", ".0f", 7),
+               ("inf.id", "informed_identified", ".2f", 8), ("chance", "chance", ".1e", 9), ("bound", "bound", ".3f", 8),
+               ("m.chance", "chance_mask", ".3f", 9), ("m.bound", "bound_mask", ".3f", 8),
+               ("pat.id", "patient_identified", ".2f", 8), ("p.bound", "bound_patient", ".3f", 8),
+               ("pm.bound", "bound_patient_mask", ".3f", 9), ("seconds", "seconds", ".0f", 9)]
+    head = f"{'site':<10}{'round':>6}{'DP':>4}" + "".join(f"{title:>{width}}" for title, _, _, width in columns)
     lines += [head, "-" * len(head)]
 
     def cell(row, key, fmt, width):
@@ -218,24 +225,20 @@ def format_audit(audit: dict, title: str = "audit") -> list[str]:
             lines.append(f"{r['site']:<10}{r['round']:>6}  failed: {r['error']}")
             continue
         dp = {True: "yes", False: "no"}.get(r.get("dp"), "")
-        lines.append(f"{r['site']:<10}{r.get('round', ''):>6}{dp:>4}{cell(r, 'epsilon', '.2f', 9)}"
-                     f"{cell(r, 'ssim', '.3f', 7)}{cell(r, 'baseline_ssim', '.3f', 7)}{cell(r, 'psnr', '.1f', 7)}"
-                     f"{cell(r, 'identified', '.2f', 7)}{cell(r, 'slice_rank', '.0f', 7)}"
-                     f"{cell(r, 'baseline_slice_rank', '.0f', 7)}{cell(r, 'chance', '.1e', 9)}"
-                     f"{cell(r, 'bound_eps_delta', '.3f', 8)}{cell(r, 'bound_gdp', '.3f', 8)}"
-                     f"{cell(r, 'patient_identified', '.2f', 8)}{cell(r, 'patient_chance', '.3f', 8)}"
-                     f"{cell(r, 'bound_patient_eps_delta', '.3f', 8)}"
-                     f"{cell(r, 'seconds', '.0f', 9)}")
-    lines.append("audit note: SSIM / PSNR of the best reconstruction against the true slice; base: the best "
-                 "uninformed guess, made without the update (the attack's random start or its prior's guess from "
-                 "public slices, a blank slice of air, or the cohort's mean slice); ident: share identified as the "
-                 "true slice among all the site's training slices (chance: 1 / slices); rank: where the true slice "
-                 "comes when those slices are ranked by similarity to the reconstruction (1: identified), b.rank: "
-                 "the same for the attack's own uninformed guess; bound: "
-                 "upper bound on identification success from the update's (epsilon, delta), e^eps * chance + "
-                 "delta; GDP~: the same from the central-limit GDP approximation, which can be optimistic for few "
-                 "steps; pat.id, chance, bound: the same for the patient (the most similar slice is one of the "
-                 "true patient's; chance: 1 / patients).")
+        lines.append(f"{r['site']:<10}{r.get('round', ''):>6}{dp:>4}"
+                     + "".join(cell(r, key, fmt, width) for _, key, fmt, width in columns))
+    lines.append("audit note: SSIM / PSNR of the best reconstruction against the true slice, aSSIM the SSIM after "
+                 "a least-squares intensity alignment; base: the best uninformed guess, made without the update (the "
+                 "attack's random start or its prior's guess from public slices, a blank slice of air, or the "
+                 "cohort's mean slice); ident: share identified as the true slice among all the site's training "
+                 "slices (chance: 1 / slices); rank: where the true slice comes when those slices are ranked by "
+                 "similarity to the reconstruction (1: identified), b.rank: the same for the attack's own uninformed "
+                 "guess; inf.id: share identified by the informed attacker, who holds the site's training slices and "
+                 "scores each by its own gradient against the update; bound: the tight upper bound on identification "
+                 "success from the job's privacy profile, for an attacker not given the mask (chance 1 / slices); "
+                 "m.chance, m.bound: the best guess from the mask alone and the bound for the attacker given the mask "
+                 "(as the reconstruction attack is); pat.id, p.bound, pm.bound: the same for the patient (the most "
+                 "similar slice is one of the true patient's; chance 1 / patients).")
     return lines
 
 

@@ -168,25 +168,30 @@ def write_markdown(results: dict, figures: dict[str, Path]) -> str:
                   "identified: the true slice is the most similar among all the site's training slices (chance: "
                   "1 / slices); rank: where the true slice comes among them by similarity to the reconstruction "
                   "(1: identified), and for the attack's own uninformed guess; patient identified: the most "
-                  "similar slice is one of the true patient's (chance: 1 / patients); bound: the (epsilon, delta) "
-                  "reconstruction-robustness bound on identification (e^eps x chance + delta), GDP~ its "
-                  "central-limit approximation. These are the sites' own results, read from their workspaces (the study "
+                  "similar slice is one of the true patient's (chance: 1 / patients); aligned SSIM: after a "
+                  "least-squares intensity alignment; informed: the share the informed attacker identifies (it holds "
+                  "the site's training slices and scores each by its own gradient against the update); bound: the "
+                  "tight reconstruction-robustness bound on identification from the job's privacy profile "
+                  "(min over eps of e^eps x chance + delta(eps)), for the attacker not given the mask (chance 1 / "
+                  "slices or 1 / patients) and the one given it (chance: the best guess from the mask alone). "
+                  "These are the sites' own results, read from their workspaces (the study "
                   "plays every site): no site sent them to the server, and none is DP-protected (they are computed "
                   "from the sites' training slices).", "",
-                  "| level | updates scored | SSIM | uninformed SSIM | PSNR (dB) | identified | rank | uninformed rank "
-                  "| chance | bound | GDP~ | patient identified | chance | bound | s / update |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| level | updates scored | SSIM | aligned SSIM | uninformed SSIM | PSNR (dB) | identified | rank "
+                  "| uninformed rank | informed | chance | bound | chance, mask given | bound, mask given "
+                  "| patient identified | chance | bound | bound, mask given | s / update |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for a in audits:
             s = a["summary"]
             m = s.get("mean", {})
-            lines.append(f"| {a['level']} | {s.get('scored', 0)} | {_fmt(m.get('ssim'))} | {_fmt(m.get('baseline_ssim'))} | "
-                         f"{_fmt(m.get('psnr'), '.1f')} | {_fmt(m.get('identified'), '.2f')} | "
-                         f"{_fmt(m.get('slice_rank'), '.0f')} | {_fmt(m.get('baseline_slice_rank'), '.0f')} | "
-                         f"{_fmt(m.get('chance'), '.1e')} | "
-                         f"{_fmt(m.get('bound_eps_delta'), '.2f')} | {_fmt(m.get('bound_gdp'), '.3f')} | "
-                         f"{_fmt(m.get('patient_identified'), '.2f')} | {_fmt(m.get('patient_chance'), '.3f')} | "
-                         f"{_fmt(m.get('bound_patient_eps_delta'), '.2f')} | "
-                         f"{_fmt(m.get('seconds'), '.0f')} |")
+            cells = [(m.get("ssim"), ".3f"), (m.get("ssim_aligned"), ".3f"), (m.get("baseline_ssim"), ".3f"),
+                     (m.get("psnr"), ".1f"), (m.get("identified"), ".2f"), (m.get("slice_rank"), ".0f"),
+                     (m.get("baseline_slice_rank"), ".0f"), (m.get("informed_identified"), ".2f"),
+                     (m.get("chance"), ".1e"), (m.get("bound"), ".3f"), (m.get("chance_mask"), ".2f"),
+                     (m.get("bound_mask"), ".2f"), (m.get("patient_identified"), ".2f"),
+                     (m.get("patient_chance"), ".3f"), (m.get("bound_patient"), ".2f"),
+                     (m.get("bound_patient_mask"), ".2f"), (m.get("seconds"), ".0f")]
+            lines.append(f"| {a['level']} | {s.get('scored', 0)} | " + " | ".join(_fmt(v, f) for v, f in cells) + " |")
     lines += [""]
     for key, title in (("privacy_utility", "Privacy and utility"), ("reconstructions", "Example reconstructions")):
         if key in figures:

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.xdist_group("tiny_study")  # one worker runs the tiny s
 GRID = Grid("tiny", [6, 6], rounds=1, local_epochs=1.0, batch_size=2, sample_rate=0.5, local_steps=2,
             epsilons=[8.0], seeds=[0],
             audit_rounds=1, attack_iterations=10, attack_restarts=1, attack_refine_iterations=10, minutes_per_run=1, minutes_per_audit=1)
-REPORT_KEYS = {"ssim", "psnr", "mse", "identified", "patient_identified", "baseline_ssim", "chance", "seconds"}
+REPORT_KEYS = {"ssim", "ssim_aligned", "psnr", "mse", "identified", "patient_identified", "baseline_ssim", "chance",
+               "chance_mask", "patient_chance_mask", "informed_identified", "informed_slice_rank",
+               "informed_patient_identified", "seconds"}
 
 
 @pytest.fixture(scope="session")
@@ -88,7 +90,7 @@ def test_the_audits_alone_keep_the_published_training_runs(tiny_study, cohort, m
     assert len(messages) == before  # the refused ones wrote nothing
 
 
-NEVER_AT_THE_SERVER = REPORT_KEYS | {"slice_rank", "patient_rank", "baseline_ssim", "baseline_slice_rank",
+NEVER_AT_THE_SERVER = REPORT_KEYS | {"slice_rank", "informed_seconds", "patient_rank", "baseline_ssim", "baseline_slice_rank",
                                      "patients_in_update", "cohort_slices", "cohort_patients", "patient_chance",
                                      "batch_size", "matching_loss", "released"}
 
@@ -135,11 +137,16 @@ def test_the_audit_job_keeps_every_score_at_the_sites_and_the_server_gets_acknow
         assert 1 <= row["slice_rank"] <= row["cohort_slices"] and 1 <= row["baseline_slice_rank"] <= row["cohort_slices"]
         assert row["prior"] == "synthetic" and row["baseline_ssim"] >= row["baseline_ssim_prior"]
         assert row["patient_chance"] == pytest.approx(1 / row["cohort_patients"]) and row["cohort_patients"] >= 2
+        assert row["chance"] <= row["chance_mask"] <= 1 and 0 <= row["ssim_aligned"] <= 1
         if dp:
-            assert 0 < row["epsilon"] <= 8.0 and 0 <= row["bound_gdp"] <= 1 and 0 <= row["bound_eps_delta"] <= 1
-            # identifying the patient is easier by chance, so its bound is no lower than the slice's
+            assert 0 < row["epsilon"] <= 8.0 and 0 <= row["bound_eps_delta"] <= 1
+            # the tight bound is no looser than e^eps x chance + delta (up to its discretisation margin)
+            assert row["chance"] <= row["bound"] <= 1.02 * row["bound_eps_delta"] + 1e-6
+            # identifying the patient is easier by chance, and so with the mask given: no lower bounds
             assert row["bound_eps_delta"] <= row["bound_patient_eps_delta"] <= 1
-            assert row["bound_gdp"] <= row["bound_patient_gdp"] <= 1
+            assert row["bound"] <= row["bound_patient"] <= 1 and row["bound"] <= row["bound_mask"] <= 1
+        else:  # without DP the informed attacker names the true slice (one slice per update)
+            assert row["informed_identified"] == 1.0 and row["informed_slice_rank"] == 1.0
     # the study built the attacker's public prior once, before the audits; no site built its own
     assert len(list((study.work / "audit_prior").glob("prior_*.npz"))) == 1
     assert not any((ws / site / "audit_prior").exists() for site in {r["site"] for r in rows})
