@@ -9,7 +9,7 @@ DEMO ?= demo
 export PYTHONUNBUFFERED := 1
 SHELL := /bin/bash
 
-.PHONY: install test demo demo-baseline bench study study-quick monailabel-check clean
+.PHONY: install test demo demo-baseline bench privacy-audit study study-quick monailabel-check clean
 
 install: $(STAMP)
 
@@ -64,6 +64,12 @@ demo-baseline: $(STAMP)
 # attack time, simulator overhead and scaling (1, 2, 4, 8 sites) -> bench.json (about 10 min)
 bench: $(STAMP)
 	$(BIN)/python -m dpseg.bench --attack --fl --json bench.json
+
+# The empirical epsilon of jobs/fed_dp: canaries through the site's DP step, the shipped mechanism
+# and five broken ones (docs/audit.md, "Empirical epsilon") -> privacy_audit/; EPSILON=3 for another claim
+PRIVACY_AUDIT ?= privacy_audit
+privacy-audit: $(STAMP)
+	$(BIN)/dpseg privacy-audit --out $(PRIVACY_AUDIT) $(if $(EPSILON),--epsilon $(EPSILON))
 
 # The privacy-utility study (local, pooled, FL, FL+DP at epsilon 8, 3, 1, and the audit at each):
 # docs/results.md and docs/figures/. The full grid takes hours on a 2-core CPU; study-quick ~22 min.

@@ -320,6 +320,26 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_privacy_audit(args: argparse.Namespace) -> int:
+    from dpseg.privacy import PrivacyError
+    from dpseg.privacyaudit import VARIANTS, job_mechanism, privacy_audit
+
+    try:
+        mechanism = job_mechanism(Path(args.job) if args.job else None, epsilon=args.epsilon, rounds=args.rounds)
+        variants = tuple(v for v in VARIANTS if not args.shipped_only or not v.broken)
+        results = privacy_audit(Path(args.out), mechanism, runs=args.runs, canaries=args.canaries, variants=variants,
+                                progress=lambda m: print(m, flush=True))
+    except (FileNotFoundError, KeyError, ValueError, PrivacyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    wrong = [r["variant"] for r in results["results"] if r["caught"] != r["broken"]]
+    if wrong:
+        print(f"error: the audit got these variants wrong (a broken one not caught, or the shipped one caught): "
+              f"{', '.join(wrong)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_monailabel_check(args: argparse.Namespace) -> int:
     from dpseg.labelserver import LabelServerError, check
 
@@ -471,6 +491,17 @@ def _audit_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, help="images to reconstruct for --label joint (default: from the meta, else 1)")
     p.add_argument("--seed", type=int)
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser("privacy-audit", help="the empirical epsilon: canaries through the site's DP step, the "
+                                             "shipped mechanism and deliberately broken ones (a few minutes)")
+    p.add_argument("--out", required=True, help="folder for privacy_audit.json, privacy_audit.md and the figure")
+    p.add_argument("--job", help="the DP job whose settings are audited (default: jobs/fed_dp)")
+    p.add_argument("--epsilon", type=float, help="the claimed epsilon (default: the job's target_epsilon)")
+    p.add_argument("--rounds", type=int, help="rounds (default: the job's num_rounds)")
+    p.add_argument("--runs", type=int, default=50, help="runs per variant (default 50)")
+    p.add_argument("--canaries", type=int, default=400, help="canaries per run (default 400; each in by a fair coin)")
+    p.add_argument("--shipped-only", action="store_true", help="audit the shipped mechanism alone")
+    p.set_defaults(func=cmd_privacy_audit)
 
     p = sub.add_parser("monailabel-check", help="the bundle in a real MONAI Label server: /info, /infer, /train")
     p.add_argument("--venv", required=True, help="MONAI Label 0.8.5's virtual environment")

@@ -222,13 +222,17 @@ class LocalTrainer:
     ``slices_per_patient`` K: slices per sampled patient; the step's loss is the mean over patients
     of each patient's mean slice loss, and with DP each patient's gradient is clipped once.
     ``train_layers``: which parameters train (``set_trained_layers``); ``self.trained_parameters``
-    is their number.
+    is their number. ``per_sample_hook(indices, params)``: called in every DP step (grad-sample
+    mode "fast") after the per-sample gradients (``p.grad_sample``) of the sampled patients
+    ``indices`` are computed and before they are clipped: the privacy audit's way in (its canaries,
+    ``dpseg.privacyaudit``); None in training.
     """
 
     def __init__(self, network: torch.nn.Module, loss_fn, data: PatientSlices, lr: float, batch_size: int,
                  accountant: Accountant | None = None, seed: int = 0, grad_sample_mode: str = "fast",
                  optimizer: str = "adam", sampling: str = "poisson", record: bool = False,
-                 sample_rate: float | None = None, slices_per_patient: int = 1, train_layers: str = "all"):
+                 sample_rate: float | None = None, slices_per_patient: int = 1, train_layers: str = "all",
+                 per_sample_hook=None):
         if grad_sample_mode not in GRAD_SAMPLE_MODES:  # also without DP: a typo must not pass silently
             raise ValueError(f"grad_sample_mode must be one of {GRAD_SAMPLE_MODES}, got {grad_sample_mode!r}")
         if optimizer not in OPTIMIZERS:
@@ -243,6 +247,7 @@ class LocalTrainer:
         self.slices_per_patient = checked_slices_per_patient(slices_per_patient)
         self.per_sample: PerSampleGrads | None = None
         self.record, self.batches = record, []
+        self.per_sample_hook = per_sample_hook
         self.trained_parameters = set_trained_layers(network, train_layers)
         base = OPTIMIZERS[optimizer]([p for p in network.parameters() if p.requires_grad], lr=lr)
         if accountant is None:
@@ -277,10 +282,12 @@ class LocalTrainer:
                                         labels=y.as_subclass(torch.Tensor).clone())
             if self.per_sample is not None:
                 loss = self.per_sample.backward(x, y, self.loss_fn)
+                if self.per_sample_hook is not None:
+                    self.per_sample_hook(indices, self.per_sample.params)
             else:
                 loss = self.loss_fn(self.model(x), y)
                 loss.backward()
-            stats.loss_sum += float(loss) * len(indices)
+            stats.loss_sum += float(loss.detach()) * len(indices)
             stats.loss_count += len(indices)
         elif self.accountant is not None:
             for p in self.optimizer.params:  # no patient: clipped sum is zero, noise still added
