@@ -221,7 +221,7 @@ def cmd_resume_job(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from dpseg.study import GRIDS, Study, run_study
+    from dpseg.tools.study import GRIDS, Study, run_study
 
     if args.audits_only and (args.only or args.no_audit):
         print("error: --audits-only trains nothing: it goes with neither --only nor --no-audit", file=sys.stderr)
@@ -322,7 +322,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_privacy_audit(args: argparse.Namespace) -> int:
     from dpseg.privacy import PrivacyError
-    from dpseg.privacyaudit import VARIANTS, job_mechanism, privacy_audit
+    from dpseg.tools.privacyaudit import VARIANTS, job_mechanism, privacy_audit
 
     try:
         mechanism = job_mechanism(Path(args.job) if args.job else None, epsilon=args.epsilon, rounds=args.rounds)
@@ -341,7 +341,7 @@ def cmd_privacy_audit(args: argparse.Namespace) -> int:
 
 
 def cmd_monailabel_check(args: argparse.Namespace) -> int:
-    from dpseg.labelserver import LabelServerError, check
+    from dpseg.tools.labelserver import LabelServerError, check
 
     try:
         figures = check(Path(args.venv), Path(args.datalist), Path(args.work), args.port, args.patients,

@@ -225,7 +225,7 @@ class LocalTrainer:
     is their number. ``per_sample_hook(indices, params)``: called in every DP step (grad-sample
     mode "fast") after the per-sample gradients (``p.grad_sample``) of the sampled patients
     ``indices`` are computed and before they are clipped: the privacy audit's way in (its canaries,
-    ``dpseg.privacyaudit``); None in training.
+    ``dpseg.tools.privacyaudit``); None in training.
     """
 
     def __init__(self, network: torch.nn.Module, loss_fn, data: PatientSlices, lr: float, batch_size: int,

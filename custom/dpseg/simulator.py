@@ -2,7 +2,7 @@
 
 Site code (the learner, the auditor) runs unchanged in the simulator, where every site is a worker
 process of one machine; what it needs to know about that is here, apart from the tooling that
-starts simulator runs (``dpseg.jobs``).
+starts simulator runs (``dpseg.tools.simulation``).
 """
 
 from __future__ import annotations

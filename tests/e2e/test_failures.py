@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 from conftest import datalist_items
-from dpseg.jobs import run_simulator as simulate
 from dpseg.jobs import site_ledgers
+from dpseg.tools.simulation import run_simulator as simulate
 from dpseg.ledger import Ledger
 from dpseg.report import build_report, format_report
 from dpseg.wire import error_header

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from dpseg.jobs import run_simulator, site_ledgers
+from dpseg.jobs import site_ledgers
+from dpseg.tools.simulation import run_simulator
 from dpseg.report import build_report
 from dpseg.site import ENV, RETIRED
 from dpseg.workspace import component_paths

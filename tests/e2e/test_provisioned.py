@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from dpseg.labelserver import stop_process_group
+from dpseg.tools.labelserver import stop_process_group
 from dpseg.report import build_report
 from dpseg.jobs import site_ledgers
 from dpseg.workspace import init_workspace

@@ -10,7 +10,7 @@ import torch
 from conftest import REPO, run_cli
 from dpseg.bundle import Bundle
 from dpseg.jobs import configure_job, site_ledgers
-from dpseg.jobs import run_simulator as simulate
+from dpseg.tools.simulation import run_simulator as simulate
 from dpseg.ledger import Ledger
 from dpseg.report import build_report
 from dpseg.wire import RESUME_FILE

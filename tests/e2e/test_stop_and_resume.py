@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from conftest import run_cli
-from dpseg.jobs import run_simulator as simulate
+from dpseg.tools.simulation import run_simulator as simulate
 from dpseg.ledger import Ledger
 from dpseg.report import build_report
 from dpseg.resume import RESUME_MODEL

@@ -1,4 +1,4 @@
-"""`dpseg.study` on a tiny grid, in the real simulator: one FL+DP training run and the audit job
+"""`dpseg.tools.study` on a tiny grid, in the real simulator: one FL+DP training run and the audit job
 (`jobs/fed_dp_audit`) with and without DP. The study's results page and figures, and the audit
 job itself (interception, audit tasks at the sites, every score kept at the sites and only
 acknowledgements at the server, report)."""
@@ -12,7 +12,7 @@ import pytest
 
 from conftest import run_cli
 from dpseg.report import build_report
-from dpseg.study import Grid, Study, run_study
+from dpseg.tools.study import Grid, Study, run_study
 
 pytestmark = pytest.mark.xdist_group("tiny_study")  # one worker runs the tiny study, once
 GRID = Grid("tiny", [6, 6], rounds=1, local_epochs=1.0, batch_size=2, sample_rate=0.5, local_steps=2,

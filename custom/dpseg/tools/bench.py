@@ -7,7 +7,7 @@
   child process of its own (a process's peak RSS only grows).
 - ``attack_time``: seconds of the audit job's default gradient-inversion attack on one update of
   the bundle network, and of building its public prior.
-- ``fl_overhead`` and ``scaling`` (``dpseg.bench --fl``): the NVFlare simulator's wall time per
+- ``fl_overhead`` and ``scaling`` (``dpseg.tools.bench --fl``): the NVFlare simulator's wall time per
   round against the local training time the sites report inside it, for 1, 2, 4 and 8 simulated
   sites with the same tiny cohort per site.
 """
@@ -221,7 +221,8 @@ def fl_scaling(site_counts: tuple[int, ...] = (1, 2, 4, 8), patients: int = 6, r
     the longest local training time a site reported in that round, for each number of simulated
     sites, each with the same synthetic cohort of ``patients`` patients (non-DP ``jobs/fed``: the
     overhead is NVFlare's, not DP's). One process per site, all on this machine."""
-    from dpseg.jobs import JOBS_DIR, configure_job, run_simulator
+    from dpseg.jobs import JOBS_DIR, configure_job
+    from dpseg.tools.simulation import run_simulator
     from dpseg.report import site_rounds
     from dpseg.synthetic import write_cohort
 

@@ -1,4 +1,4 @@
-"""The study's results page: markdown tables and figures from ``dpseg.study``'s results.
+"""The study's results page: markdown tables and figures from ``dpseg.tools.study``'s results.
 
 Figures: ``privacy_utility.png`` (epsilon vs mean test Dice of the FL arms, local and pooled as
 reference lines; leakage, SSIM and slice and patient identification rates, per audit level) and

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dpseg.labelserver import HEAD_ID, LabelServerError, add_head_study, plausibility_flags, split_multipart
+from dpseg.tools.labelserver import HEAD_ID, LabelServerError, add_head_study, plausibility_flags, split_multipart
 
 
 def multipart(boundary: str, fields: dict[str, tuple[str | None, bytes]]) -> bytes:

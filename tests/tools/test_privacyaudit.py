@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from dpseg.privacyaudit import (VARIANTS, Mechanism, canary_run, clopper_pearson, epsilon_of_rates, gdp_delta,
+from dpseg.tools.privacyaudit import (VARIANTS, Mechanism, canary_run, clopper_pearson, epsilon_of_rates, gdp_delta,
                                 gdp_epsilon, log_likelihood_ratios, lower_bounds, privacy_audit)
 
 TINY = Mechanism(epsilon=8.0, delta=1e-5, max_grad_norm=1.0, batch_size=4, sample_rate=0.25, local_steps=5, rounds=2)

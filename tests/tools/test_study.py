@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpseg.study import GRIDS, Study, summarize
-from dpseg.studyreport import write_figures, write_markdown
+from dpseg.tools.study import GRIDS, Study, summarize
+from dpseg.tools.studyreport import write_figures, write_markdown
 
 
 def _run(arm, kind, seed, dice, eps=None):
@@ -93,7 +93,7 @@ def test_results_page_and_figures(tmp_path):
 
 
 def test_a_finished_run_is_kept_an_unfinished_one_starts_again(tmp_path):
-    from dpseg.study import finished, keep
+    from dpseg.tools.study import finished, keep
 
     grid, run = GRIDS["quick"], tmp_path / "seed0" / "FL"
     assert finished(run, grid) is None and run.is_dir()
@@ -120,7 +120,7 @@ def test_a_finished_run_is_kept_an_unfinished_one_starts_again(tmp_path):
 
 
 def test_a_study_refuses_kept_audits_of_another_attack_before_it_starts(tmp_path, cohort):
-    from dpseg.study import audit_folder, keep, run_study
+    from dpseg.tools.study import audit_folder, keep, run_study
 
     grid, messages = GRIDS["quick"], []
     study = Study(grid, cohort, tmp_path / "work", tmp_path / "out", progress=messages.append)
@@ -151,7 +151,7 @@ def test_the_study_command_refuses_audits_alone_without_published_runs(cohort, t
 
 
 def test_a_stopped_study_goes_on_from_its_published_results_without_its_work_folder(cohort, tmp_path):
-    from dpseg.study import run_study
+    from dpseg.tools.study import run_study
 
     grid, out, messages = replace(GRIDS["quick"], seeds=[0, 1]), tmp_path / "out", []
 

@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from dpseg.files import write_whole
-from dpseg.jobs import JOBS_DIR, configure_job, run_simulator, site_ledgers
+from dpseg.jobs import JOBS_DIR, configure_job, site_ledgers
+from dpseg.tools.simulation import run_simulator
 
 
 @dataclass
@@ -564,7 +565,7 @@ def write_results(study: Study, results: dict) -> Path:
     """``study_<grid>.json`` (example folders relative to the work folder), the figures and
     ``results.md`` (full grid) or ``results_<grid>.md``, whose notes kept by hand (``kept_notes``)
     stay as they are."""
-    from dpseg.studyreport import write_figures, write_markdown
+    from dpseg.tools.studyreport import write_figures, write_markdown
 
     study.out.mkdir(parents=True, exist_ok=True)
     name = results["grid"]["name"]

@@ -1,4 +1,4 @@
-from dpseg.bench import peak_memory, step_time_ratios
+from dpseg.tools.bench import peak_memory, step_time_ratios
 
 
 def test_bench_reports_a_ratio_for_every_working_mode():
@@ -20,7 +20,7 @@ def test_peak_memory_of_a_mode_in_its_own_process():
 
 
 def test_attack_time_reads_the_audit_jobs_default_attack():
-    from dpseg.bench import attack_time
+    from dpseg.tools.bench import attack_time
 
     out = attack_time({"iterations": 2, "restarts": 1, "prior_components": 8, "refine_iterations": 1, "noise": 0.0},
                       prior_patients=(3,))

@@ -1,4 +1,4 @@
-"""dpseg.jobs: watching a simulator-like process (race signature, watch callback, timeout)."""
+"""dpseg.tools.simulation: watching a simulator-like process (race signature, watch callback, timeout)."""
 
 import subprocess
 import sys
@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from dpseg.jobs import run_watched
 from dpseg.simulator import SIMULATOR_RACE, check_simulator_worker
+from dpseg.tools.simulation import run_watched
 
 
 def script(code: str) -> list[str]:
