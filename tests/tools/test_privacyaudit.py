@@ -1,6 +1,7 @@
 """The canary audit of the site's DP step: the bounds against hand computations, a canary through
 the real step, a broken mechanism caught and the shipped one not, on a tiny job in seconds."""
 
+import json
 import math
 
 import numpy as np
@@ -64,3 +65,18 @@ def test_thresholds_are_chosen_on_other_canaries_than_those_counted():
     scores = rng.normal(size=4000)  # scores that know nothing: no bound above 0, whatever the threshold
     bounds = lower_bounds(scores, member, 1e-5)
     assert bounds["epsilon_lower_bound"] < 0.3 and bounds["canaries_in"] + bounds["canaries_out"] == 2000
+
+
+def test_the_privacy_audit_command_audits_the_shipped_job(tmp_path):
+    from conftest import run_cli
+
+    done = run_cli("privacy-audit", "--out", str(tmp_path / "audit"), "--rounds", "1", "--runs", "1",
+                   "--canaries", "100", "--shipped-only")
+    assert done.returncode == 0, done.stderr
+    assert "shipped: lower bound" in done.stdout and "not caught" in done.stdout
+    results = json.loads((tmp_path / "audit" / "privacy_audit.json").read_text())
+    assert results["claimed_epsilon"] == 8.0 and results["mechanism"]["local_steps"] == 24
+    assert results["mechanism"]["rounds"] == 1
+    assert [r["variant"] for r in results["results"]] == ["shipped"]
+    bad = run_cli("privacy-audit", "--out", str(tmp_path / "x"), "--job", str(tmp_path / "no_such_job"))
+    assert bad.returncode == 2 and "no_such_job" in bad.stderr
