@@ -157,7 +157,7 @@ def canary_run(mechanism: Mechanism, variant: Variant, canaries: int, generator:
     if not variant.clip:  # clipping at a norm no gradient reaches, the noise's scale kept
         trainer.optimizer.max_grad_norm = 1e12
         trainer.optimizer.noise_multiplier = sigma * mechanism.max_grad_norm / 1e12
-    if variant.every_step:
+    if variant.every_step:  # the deliberately broken sampler: every patient in every step
         trainer._poisson = lambda n, rate: list(range(n))
     projections = np.empty((mechanism.steps, canaries))
     before = network.weight.detach().reshape(-1).clone()
