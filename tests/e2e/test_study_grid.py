@@ -17,7 +17,8 @@ from dpseg.tools.study import Grid, Study, run_study
 pytestmark = pytest.mark.xdist_group("tiny_study")  # one worker runs the tiny study, once
 GRID = Grid("tiny", [6, 6], rounds=1, local_epochs=1.0, batch_size=2, sample_rate=0.5, local_steps=2,
             epsilons=[8.0], seeds=[0],
-            audit_rounds=1, attack_iterations=10, attack_restarts=1, attack_refine_iterations=10, minutes_per_run=1, minutes_per_audit=1)
+            audit_rounds=1, attack_iterations=10, attack_restarts=1, attack_refine_iterations=10, minutes_per_run=1, minutes_per_audit=1,
+            privacy_audit_runs=1, privacy_audit_canaries=100, minutes_per_privacy_audit=1)
 REPORT_KEYS = {"ssim", "ssim_aligned", "psnr", "mse", "identified", "patient_identified", "baseline_ssim", "chance",
                "chance_mask", "patient_chance_mask", "informed_identified", "informed_slice_rank",
                "informed_patient_identified", "seconds"}
@@ -34,7 +35,8 @@ def tiny_study(cohort, tmp_path_factory):
 
 def test_tiny_study_trains_scores_audits_and_writes_the_results(tiny_study, cohort):
     study, results, messages = tiny_study
-    assert messages[0].startswith("study 'tiny': 1 training runs and 2 audits; estimated 3 min to go")
+    assert messages[0].startswith("study 'tiny': 1 training runs and 2 audits (and 1 canary audits of the DP step); "
+                                  "estimated 4 min to go")
     assert any(m.startswith("[1/1] FL+DP eps 8, seed 0: mean test Dice") for m in messages)
     (run,) = results["runs"]
     assert run["arm"] == "FL+DP eps 8" and 0 < run["epsilon_spent"] <= 8.0
@@ -45,6 +47,12 @@ def test_tiny_study_trains_scores_audits_and_writes_the_results(tiny_study, coho
     md = (study.out / "results_tiny.md").read_text()
     assert "| FL+DP eps 8 |" in md and "| no DP | 2 |" in md and "| eps 8 |" in md
     assert (study.out / "figures" / "tiny_privacy_utility.png").exists()
+    # the canary audit of the DP step at the grid's epsilon, through the same FL+DP settings
+    (canary,) = results["privacy_audits"]
+    assert canary["claimed_epsilon"] == 8.0 and canary["mechanism"]["local_steps"] == 2
+    assert len(canary["results"]) == 6 and canary["results"][0]["variant"] == "shipped"
+    assert "## Empirical epsilon (canary audit of the DP step)" in md and "| noise off | yes |" in md
+    assert (study.work / "privacy_audit" / "eps_8" / "privacy_audit.json").exists()
     assert (study.out / "figures" / "tiny_reconstructions.png").exists()
     assert json.loads((study.out / "study_tiny.json").read_text())["summary"][0]["arm"] == "FL+DP eps 8"
 
@@ -52,10 +60,11 @@ def test_tiny_study_trains_scores_audits_and_writes_the_results(tiny_study, coho
     again = []
     second = run_study(Study(GRID, cohort, study.work, study.out.parent / "out2", progress=again.append),
                        only={"fed_dp"})
-    assert again[0].startswith("study 'tiny': 1 training runs and 2 audits, 1 runs and 2 audits kept from earlier; "
-                               "estimated 0 min to go")
+    assert again[0].startswith("study 'tiny': 1 training runs and 2 audits (and 1 canary audits of the DP step), 1 runs "
+                               "and 2 audits kept from earlier; estimated 0 min to go")
     assert any(m.startswith("[1/1] FL+DP eps 8, seed 0: finished earlier") for m in again)
     assert second["runs"] == results["runs"] and second["audits"] == results["audits"]
+    assert second["privacy_audits"] == results["privacy_audits"]
     # and on a copy of it elsewhere: the kept audits find their reconstructions in the copy
     moved = study.out.parent / "moved_work"
     shutil.copytree(study.work, moved)

@@ -87,6 +87,17 @@ def test_results_page_and_figures(tmp_path):
     assert ("| no DP | 2 | 0.300 | 0.400 | 0.500 | 12.0 | 0.50 | 4 | 250 | 1.00 | - | - | 0.50 | - | 1.00 | 0.100 "
             "| - | - | - |") in md
     assert "GDP" not in md  # the central-limit approximation is gone: at 1-2 steps it is wrong both ways
+    assert "Empirical epsilon" not in md  # no canary audit in these results
+    row = {"runs": 2, "canaries": 800, "epsilon_lower_bound": 1.5, "epsilon_lower_bound_gdp": 7.1, "caught": False}
+    results["privacy_audits"] = [{"claimed_epsilon": e, "results": [
+        {**row, "variant": "shipped", "broken": False},
+        {**row, "variant": "noise off", "broken": True, "epsilon_lower_bound_gdp": 40.0, "caught": True}]} for e in (8.0, 1.0)]
+    canary_md = write_markdown(results, {})
+    assert "2 runs x 400 canaries per variant" in canary_md
+    assert "| variant | broken | claimed 8 | claimed 1 | caught |" in canary_md
+    assert "| shipped | no | 1.50 / 7.10 | 1.50 / 7.10 | no, no |" in canary_md
+    assert "| noise off | yes | 1.50 / 40.00 | 1.50 / 40.00 | yes, yes |" in canary_md
+    del results["privacy_audits"]
     assert "the true label mask given to the attacker" in md and "prior synthetic" in md
     assert "![Privacy and utility](figures/quick_privacy_utility.png)" in md
     json.dumps(results)  # the results are plain JSON
@@ -164,10 +175,10 @@ def test_a_stopped_study_goes_on_from_its_published_results_without_its_work_fol
         run_study(Study(grid, cohort, tmp_path / "work", out, progress=stop_at_the_second_run), only={"public"},
                   audit=False)
     partial = json.loads((out / "study_quick.json").read_text())
-    assert partial["complete"] is False and partial["planned"] == {"runs": 2, "audits": 0}
+    assert partial["complete"] is False and partial["planned"] == {"runs": 2, "audits": 0, "privacy_audits": 0}
     assert [(r["arm"], r["seed"]) for r in partial["runs"]] == [("public model alone", 0)]
     page = (out / "results_quick.md").read_text()
-    assert "**Not complete**: 1 of 2 training runs and 0 of 0 audits so far" in page
+    assert "**Not complete**: 1 of 2 training runs, 0 of 0 audits and 0 of 0 canary audits so far" in page
     (out / "results_quick.md").write_text(page + "\n## Notes kept by hand\n\nwritten by a person\n")
 
     # on another machine: no work folder, the out folder's results only

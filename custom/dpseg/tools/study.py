@@ -66,12 +66,18 @@ class Grid:
     random_start_epsilon: float | None = None
     # the epsilon of the ablation arms (first seed only), None for none
     ablation_epsilon: float | None = None
+    # the canary audit of the DP step (dpseg.tools.privacyaudit) at each epsilon: runs x canaries per
+    # variant (0 runs: none), and its planning estimate in minutes per epsilon
+    privacy_audit_runs: int = 0
+    privacy_audit_canaries: int = 400
+    minutes_per_privacy_audit: float = 10.0
 
     def settings(self, audit: bool = True) -> dict:
         """What the results depend on: every field but the planning estimates; a training run's
         (``audit`` False) not on the audit's fields either."""
-        planning = ("minutes_per_run", "minutes_per_audit")
-        audit_only = ("audit_rounds", "attack_iterations", "attack_restarts", "attack_refine_iterations")
+        planning = ("minutes_per_run", "minutes_per_audit", "minutes_per_privacy_audit")
+        audit_only = ("audit_rounds", "attack_iterations", "attack_restarts", "attack_refine_iterations",
+                      "privacy_audit_runs", "privacy_audit_canaries")
         return {k: v for k, v in asdict(self).items() if k not in planning and (audit or k not in audit_only)}
 
     def recorded(self, grid: dict, audit: bool = True) -> bool:
@@ -100,12 +106,13 @@ GRIDS = {
     "quick": Grid("quick", [16, 16, 16], rounds=4, local_epochs=3.0, batch_size=4, sample_rate=0.35, local_steps=9,
                   epsilons=[8.0, 3.0, 1.0],
                   seeds=[0], audit_rounds=2, attack_iterations=100, attack_restarts=1, attack_refine_iterations=50,
-                  minutes_per_run=1.0, minutes_per_audit=3.0, random_start_epsilon=8.0),
+                  minutes_per_run=1.0, minutes_per_audit=3.0, random_start_epsilon=8.0, privacy_audit_runs=5,
+                  privacy_audit_canaries=200, minutes_per_privacy_audit=1.0),
     "full": Grid("full", [60, 90, 120], rounds=10, local_epochs=6.0, batch_size=16, sample_rate=0.25, local_steps=24,
                  epsilons=[8.0, 3.0, 1.0],
                  seeds=[0, 1, 2], audit_rounds=2, attack_iterations=300, attack_restarts=1, attack_refine_iterations=200,
                  minutes_per_run={"public": 1.0, "local": 2.5, "pooled": 6.5, "fed": 5.0, "fed_dp": 5.5}, minutes_per_audit=6.5,
-                 random_start_epsilon=8.0, ablation_epsilon=8.0),
+                 random_start_epsilon=8.0, ablation_epsilon=8.0, privacy_audit_runs=50, privacy_audit_canaries=400),
 }
 
 
@@ -208,7 +215,7 @@ def kept_result(run: Path, grid: Grid, audit: bool = False) -> dict | None:
     if not grid.recorded(kept.get("grid", {}), audit):
         raise ValueError(f"{path} was written with other study settings ({kept.get('grid')}); use another "
                          f"--work folder or remove {run}")
-    if audit and (ran := kept["result"].get("summary", {}).get("attack")) != (now := grid.attack()):
+    if audit and "summary" in kept["result"] and (ran := kept["result"]["summary"].get("attack")) != (now := grid.attack()):
         raise ValueError(f"{path} is an audit with another attack ({ran}) than the audit job's now "
                          f"({now}); use another --work folder or remove {run}")
     return kept["result"]
@@ -388,6 +395,29 @@ def run_audit(study: Study, epsilon: float | None, run: Path) -> dict:
                          "examples": [str(f.relative_to(run)) for f in folders if (f / "reconstruction.npy").exists()]})
 
 
+def privacy_audit_folder(study: Study, epsilon: float) -> Path:
+    """Where the canary audit of the DP step at ``epsilon`` runs and keeps its result."""
+    return study.work / "privacy_audit" / f"eps_{epsilon:g}"
+
+
+def privacy_audit_level(study: Study, epsilon: float) -> dict:
+    """The canary audit of the site's DP step (``dpseg.tools.privacyaudit``) with the grid's FL+DP
+    settings at ``epsilon``: every variant's lower bounds (kept in its folder, with its page and figure)."""
+    from dpseg.tools.privacyaudit import job_mechanism, privacy_audit
+
+    g = study.grid
+    run = privacy_audit_folder(study, epsilon)
+    if (done := finished(run, g, audit=True)) is not None:
+        return done
+    started = time.perf_counter()
+    mechanism = job_mechanism(epsilon=epsilon, rounds=g.rounds, local_steps=g.local_steps,
+                              sample_rate=g.sample_rate, batch_size=g.batch_size)
+    result = privacy_audit(run, mechanism, runs=g.privacy_audit_runs, canaries=g.privacy_audit_canaries,
+                           progress=study.progress)
+    return keep(run, g, {"epsilon": epsilon, **result, "elapsed_seconds": time.perf_counter() - started,
+                         "wall_seconds": time.perf_counter() - started})
+
+
 def prior_folder(study: Study) -> Path:
     """Where every audit of the study keeps the attacker's public prior (built once, public images only)."""
     return study.work / "audit_prior"
@@ -494,18 +524,22 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True, au
     out_runs = kept_published(study) if plan else {}
     kept_runs = [w if w is not None else out_runs.get((arm.name, seed)) for w, (arm, seed) in zip(kept_work, plan)]
     kept_audits = [kept_result(audit_folder(study, level), g, audit=True) is not None for level in levels]
-    estimate = sum(m for m, k in zip(planned, kept_runs) if k is None) + kept_audits.count(False) * g.minutes_per_audit
+    canary_levels = list(g.epsilons) if audit and g.privacy_audit_runs else []
+    kept_canaries = [kept_result(privacy_audit_folder(study, e), g, audit=True) is not None for e in canary_levels]
+    estimate = sum(m for m, k in zip(planned, kept_runs) if k is None) + kept_audits.count(False) * g.minutes_per_audit \
+        + kept_canaries.count(False) * g.minutes_per_privacy_audit
     if audits_only:
         what = (f"the {len(levels)} audits alone, {sum(kept_audits)} kept from earlier (training runs: the "
                 f"{len(from_out)} of {study.out / f'study_{g.name}.json'})")
     else:
         kept = sum(k is not None for k in kept_runs)
         kept_note = f", {kept} runs and {sum(kept_audits)} audits kept from earlier" if kept or any(kept_audits) else ""
-        what = f"{len(plan)} training runs and {len(levels)} audits{kept_note}"
+        what = f"{len(plan)} training runs and {len(levels)} audits" + \
+            (f" (and {len(canary_levels)} canary audits of the DP step)" if canary_levels else "") + kept_note
     study.progress(f"study '{g.name}': {what}; estimated {estimate:.0f} min to go on a 2-core CPU "
                    f"(work folder {study.work})")
-    runs, audits, new_minutes, new_planned = list(from_out), [], 0.0, 0.0
-    planned_count = (len(runs) + len(plan), len(levels))
+    runs, audits, canaries, new_minutes, new_planned = list(from_out), [], [], 0.0, 0.0
+    planned_count = (len(runs) + len(plan), len(levels), len(canary_levels))
     for n, (arm, seed) in enumerate(plan, 1):
         if kept_runs[n - 1] is not None:
             runs.append(kept_runs[n - 1])
@@ -522,6 +556,9 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True, au
         study.progress(f"[{n}/{len(plan)}] {arm.name}, seed {seed}: mean test Dice {r['mean_dice']:.3f} in "
                        f"{r['wall_seconds']:.0f} s; about {left:.0f} min left")
         write_results(study, collect(study, runs, audits, planned_count))
+    for epsilon in canary_levels:
+        canaries.append(privacy_audit_level(study, epsilon))
+        write_results(study, collect(study, runs, audits, planned_count, canaries))
     if not all(kept_audits):
         build_prior(study)
     for level in levels:
@@ -532,23 +569,25 @@ def run_study(study: Study, only: set[str] | None = None, audit: bool = True, au
                        f"(baseline {m.get('baseline_ssim', float('nan')):.3f}), identified "
                        f"{m.get('identified', float('nan')):.2f}, {audits[-1]['wall_seconds']:.0f} s")
         if len(audits) < len(levels):
-            write_results(study, collect(study, runs, audits, planned_count))
-    results = collect(study, runs, audits, planned_count)
+            write_results(study, collect(study, runs, audits, planned_count, canaries))
+    results = collect(study, runs, audits, planned_count, canaries)
     write_results(study, results)
     return results
 
 
-def collect(study: Study, runs: list[dict], audits: list[dict], planned: tuple[int, int]) -> dict:
-    """The study's results from the ``runs`` and ``audits`` done so far of the ``planned`` (training
-    runs, audits); ``complete`` once all are done."""
-    done = sorted(r["finished"] for r in runs + audits)
+def collect(study: Study, runs: list[dict], audits: list[dict], planned: tuple[int, int, int],
+            canaries: list[dict] | None = None) -> dict:
+    """The study's results from the ``runs``, ``audits`` and canary audits (``canaries``) done so far
+    of the ``planned`` (training runs, audits, canary audits); ``complete`` once all are done."""
+    canaries = canaries or []
+    done = sorted(r["finished"] for r in runs + audits + canaries)
     return {"grid": asdict(study.grid), "cohort": study.cohort_note,
-            "complete": (len(runs), len(audits)) == planned,
-            "planned": {"runs": planned[0], "audits": planned[1]},
+            "complete": (len(runs), len(audits), len(canaries)) == planned,
+            "planned": {"runs": planned[0], "audits": planned[1], "privacy_audits": planned[2]},
             "date": (done[0] if done[0] == done[-1] else f"{done[0]} to {done[-1]}") if done else "",
             "machine": machine(), "sites": study.sites,
-            "total_minutes": sum(r.get("elapsed_seconds", r["wall_seconds"]) for r in runs + audits) / 60,
-            "runs": runs, "summary": summarize(runs), "audits": audits}
+            "total_minutes": sum(r.get("elapsed_seconds", r["wall_seconds"]) for r in runs + audits + canaries) / 60,
+            "runs": runs, "summary": summarize(runs), "audits": audits, "privacy_audits": canaries}
 
 
 NOTES_HEADING = "## Notes kept by hand"
@@ -579,5 +618,6 @@ def write_results(study: Study, results: dict) -> Path:
     write_whole(md, lambda tmp: tmp.write_text(page))
     study.progress(f"wrote {md}" + ("" if results["complete"] else
                    f" ({len(results['runs'])} of {results['planned']['runs']} training runs, "
-                   f"{len(results['audits'])} of {results['planned']['audits']} audits so far)"))
+                   f"{len(results['audits'])} of {results['planned']['audits']} audits, "
+                   f"{len(results['privacy_audits'])} of {results['planned']['privacy_audits']} canary audits so far)"))
     return md

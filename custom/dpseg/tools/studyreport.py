@@ -48,9 +48,32 @@ def partial_note(results: dict) -> list[str]:
     if results.get("complete", True):
         return []
     planned = results["planned"]
-    return [f"**Not complete**: {len(results['runs'])} of {planned['runs']} training runs and "
-            f"{len(results['audits'])} of {planned['audits']} audits so far. `dpseg study` with the same grid "
+    return [f"**Not complete**: {len(results['runs'])} of {planned['runs']} training runs, "
+            f"{len(results['audits'])} of {planned['audits']} audits and {len(results.get('privacy_audits', []))} of "
+            f"{planned.get('privacy_audits', 0)} canary audits so far. `dpseg study` with the same grid "
             "and out folder goes on from here (it keeps the runs this page's JSON holds).", ""]
+
+
+def privacy_audit_table(results: dict) -> list[str]:
+    """Markdown lines: the canary audit's lower bounds per variant and claimed epsilon (none where
+    the study ran no canary audit)."""
+    audits = results.get("privacy_audits") or []
+    if not audits:
+        return []
+    first = audits[0]
+    lines = ["", "## Empirical epsilon (canary audit of the DP step)", "",
+             f"`dpseg privacy-audit` with this grid's FL+DP settings at each epsilon: {first['results'][0]['runs']} runs x "
+             f"{first['results'][0]['canaries'] // first['results'][0]['runs']} canaries per variant, every noised step "
+             "seen; lower bounds on epsilon at 95% confidence, Clopper-Pearson / Gaussian-DP route; a variant is "
+             "caught when either exceeds the claim ([audit.md](audit.md#empirical-epsilon-dpseg-privacy-audit)).", "",
+             "| variant | broken | " + " | ".join(f"claimed {a['claimed_epsilon']:g}" for a in audits) + " | caught |",
+             "|---|---|" + "---|" * len(audits) + "---|"]
+    for i, row in enumerate(first["results"]):
+        cells = [f"{a['results'][i]['epsilon_lower_bound']:.2f} / {a['results'][i]['epsilon_lower_bound_gdp']:.2f}"
+                 for a in audits]
+        caught = ", ".join("yes" if a["results"][i]["caught"] else "no" for a in audits)
+        lines.append(f"| {row['variant']} | {'yes' if row['broken'] else 'no'} | " + " | ".join(cells) + f" | {caught} |")
+    return lines
 
 
 def write_figures(results: dict, folder: Path) -> dict[str, Path]:
@@ -192,6 +215,7 @@ def write_markdown(results: dict, figures: dict[str, Path]) -> str:
                      (m.get("patient_chance"), ".3f"), (m.get("bound_patient"), ".2f"),
                      (m.get("bound_patient_mask"), ".2f"), (m.get("seconds"), ".0f")]
             lines.append(f"| {a['level']} | {s.get('scored', 0)} | " + " | ".join(_fmt(v, f) for v, f in cells) + " |")
+    lines += privacy_audit_table(results)
     lines += [""]
     for key, title in (("privacy_utility", "Privacy and utility"), ("reconstructions", "Example reconstructions")):
         if key in figures:
