@@ -116,16 +116,15 @@ def audit_update(network: torch.nn.Module, loss_fn: torch.nn.Module, update: dic
     if settings.label == "known":
         settings = AttackSettings(**{**asdict(settings), "batch_size": len(images)})
     shape = tuple(images.shape[-2:])
-    informed = {}
-    if site_slices is not None and site_slices.labels is not None:  # before the inversion, on the global weights
-        true_at = [site_slices.locate(t, p) for t, p in zip(images[:, 0].numpy(), patients)]
-        informed = informed_attack(network, loss_fn, update, site_slices, true_at, privacy, settings.local_lr)
+    truths, true_indices, informed = images[:, 0].numpy(), None, {}
+    if site_slices is not None:  # the patients' stored slices, without training's random shift
+        true_indices = [site_slices.locate(t, p) for t, p in zip(truths, patients)]
+        if site_slices.labels is not None:  # before the inversion, on the global weights
+            informed = informed_attack(network, loss_fn, update, site_slices, true_indices, privacy, settings.local_lr)
     rec: Reconstruction = invert(network, loss_fn, update, settings, shape,
                                  label=labels if settings.label == "known" else None, progress=progress, prior=prior)
-    recon, truths = rec.unshifted()[:, 0].numpy(), images[:, 0].numpy()
-    true_indices = None
-    if site_slices is not None:  # score against the patients' stored slices, without training's random shift
-        true_indices = [site_slices.locate(t, p) for t, p in zip(truths, patients)]
+    recon = rec.unshifted()[:, 0].numpy()
+    if true_indices is not None:  # score against the patients' stored slices
         truths = site_slices.slices[true_indices]
     metrics = {"patients_in_update": len(images), "label": settings.label, "simulate": settings.simulate,
                "prior": settings.prior, "iterations": rec.iterations, "restarts": settings.restarts,
@@ -177,7 +176,8 @@ def privacy_bounds(privacy: dict | None, chances: dict[str, float]) -> dict:
     the slice, 1 / slices, and the patient, 1 / patients, for an attacker not given the mask; the
     same with the mask given, ``SliceSet.mask_chances``), bounds on identification: ``bound<unit>``
     the tight one on the job's privacy profile over all its planned steps (``reconstruction_bound``),
-    ``bound<unit>_eps_delta`` the looser e^eps * chance + delta at the epsilon spent so far. The DP unit is a patient, so they hold for the patient too."""
+    ``bound<unit>_eps_delta`` the looser e^eps * chance + delta at the epsilon spent so far. The DP
+    unit is a patient, so they hold for the patient too."""
     meta = PrivacyMeta.from_dict(privacy) if privacy else None
     if meta is None or not meta.dp:
         return {"dp": False}
