@@ -44,7 +44,7 @@ from dpseg.identification import candidate_scores, identification
 from dpseg.inversion import AttackSettings, Reconstruction, invert, observed_descent
 from dpseg.metrics import mse, psnr, ranking, ssim, ssim_aligned
 from dpseg.prior import ImagePrior, load_prior
-from dpseg.privacy import reconstruction_bound, reconstruction_bound_eps_delta
+from dpseg.privacy import reconstruction_bound_eps_delta, reconstruction_bounds
 from dpseg.slices import SliceSet
 from dpseg.wire import AUDIT_TASK, ERROR_HEADER, PrivacyMeta, error_header
 from dpseg.workspace import allow_list_refusal
@@ -185,10 +185,10 @@ def privacy_bounds(privacy: dict | None, chances: dict[str, float]) -> dict:
            "sample_rate": meta.sample_rate, "steps": meta.steps}
     # the job's whole profile (every step of every round: what the server sees by the job's end)
     history = [(meta.noise_multiplier, meta.sample_rate, meta.planned_steps or meta.steps)]
-    for key, unit in CHANCES.items():
-        if key in chances:
-            out[f"bound{unit}"] = reconstruction_bound(history, chances[key])
-            out[f"bound{unit}_eps_delta"] = reconstruction_bound_eps_delta(meta.epsilon, meta.delta, chances[key])
+    keys = [key for key in CHANCES if key in chances]
+    for key, bound in zip(keys, reconstruction_bounds(history, [chances[k] for k in keys])):
+        out[f"bound{CHANCES[key]}"] = bound
+        out[f"bound{CHANCES[key]}_eps_delta"] = reconstruction_bound_eps_delta(meta.epsilon, meta.delta, chances[key])
     return out
 
 

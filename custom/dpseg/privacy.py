@@ -314,12 +314,17 @@ def reconstruction_bound(history: list[tuple[float, float, int]], baseline: floa
     one the site's epsilon comes from), taken from above: delta(eps) <= estimate(eps - eps_error) +
     delta_error, so the bound is an upper bound. For one step of rate q and multiplier sigma it is
     (1 - q) * kappa + q * Phi(Phi^-1(kappa) + 1 / sigma) where the best epsilon is >= 0 (small kappa)."""
+    return reconstruction_bounds(history, [baseline], eps_error, delta_error)[0]
+
+
+def reconstruction_bounds(history: list[tuple[float, float, int]], baselines: list[float],
+                          eps_error: float = 0.01, delta_error: float = 1e-9) -> list[float]:
+    """``reconstruction_bound`` at each of ``baselines``, the privacy profile computed once."""
     from opacus.accountants.prv import PRVAccountant
 
-    if not 0.0 <= baseline <= 1.0:
-        raise ValueError(f"a chance level is a probability, not {baseline}")
-    if baseline == 0.0:
-        return 0.0  # e^eps * 0 + delta(eps) goes to 0 as epsilon grows
+    for baseline in baselines:
+        if not 0.0 <= baseline <= 1.0:
+            raise ValueError(f"a chance level is a probability, not {baseline}")
     acc = PRVAccountant()
     acc.history = [tuple(h) for h in history]
     with np.errstate(divide="ignore"):  # log(1 - q) at q = 1: the mechanism is a plain Gaussian
@@ -327,10 +332,14 @@ def reconstruction_bound(history: list[tuple[float, float, int]], baseline: floa
     t, p = dprv.domain.ts, dprv.pmf
     tail = np.flip(np.flip(p).cumsum())  # P[L >= t_i]
     tail_exp = np.flip(np.flip(p * np.exp(-t)).cumsum())  # E[e^-L; L >= t_i]
-    # at epsilon = t_i + eps_error (>= 0, and e^eps * kappa <= 1 where the bound can be below 1)
-    usable = (t >= 0) & (t + eps_error <= -math.log(baseline))
-    if not usable.any():
-        return 1.0
-    ti = t[usable]
-    delta = np.clip(tail[usable] - np.exp(ti) * tail_exp[usable], 0.0, None) + delta_error
-    return float(min(1.0, np.min(np.exp(ti + eps_error) * baseline + delta)))
+    delta = np.clip(tail - np.exp(np.minimum(t, 700.0)) * tail_exp, 0.0, None) + delta_error
+    bounds = []
+    for baseline in baselines:
+        if baseline == 0.0:
+            bounds.append(0.0)  # e^eps * 0 + delta(eps) goes to 0 as epsilon grows
+            continue
+        # at epsilon = t_i + eps_error (>= 0, and e^eps * kappa <= 1 where the bound can be below 1)
+        usable = (t >= 0) & (t + eps_error <= -math.log(baseline))
+        bounds.append(float(min(1.0, np.min(np.exp(t[usable] + eps_error) * baseline + delta[usable])))
+                      if usable.any() else 1.0)
+    return bounds

@@ -262,7 +262,7 @@ def audit_variant(mechanism: Mechanism, variant: Variant, runs: int, canaries: i
     scores = log_likelihood_ratios(projections, mechanism, claimed.noise_multiplier)
     c = mechanism.max_grad_norm
     out = projections[:, ~member]
-    in_steps = member.sum() * mechanism.steps
+    in_steps, sampled = member.sum() * mechanism.steps, sum(t.sampled for t in traces)
     bounds = lower_bounds(scores, member, mechanism.delta)
     row = {"variant": variant.name, "broken": variant.broken, **bounds, "confidence": CONFIDENCE,
            "epsilon_estimate": None, "runs": runs, "canaries": int(len(member)), "steps": mechanism.steps,
@@ -270,21 +270,19 @@ def audit_variant(mechanism: Mechanism, variant: Variant, runs: int, canaries: i
            # the mechanism measured directly: noise std / C (claimed sigma), inclusion rate (claimed q),
            # an included canary's mean contribution / C (claimed 1: clipped to C)
            "noise_std_over_clip": float(out.std() / c), "claimed_noise_multiplier": claimed.noise_multiplier,
-           "inclusion_rate": sum(t.sampled for t in traces) / in_steps if in_steps else None,
-           "contribution_over_clip": _contribution(traces, mechanism) / c,
+           "inclusion_rate": sampled / in_steps if in_steps else None,
+           "contribution_over_clip": _contribution(member, projections, sampled) / c,
            "seconds": time.perf_counter() - started}
     return row, scores, member
 
 
-def _contribution(traces: list[RunTrace], mechanism: Mechanism) -> float:
-    """The mean projection of in canaries minus that of out canaries, per sampled step: an included
-    canary's mean contribution to the noised sum."""
-    member = np.concatenate([t.member for t in traces])
-    projections = np.concatenate([t.projections for t in traces], axis=1)
-    sampled = sum(t.sampled for t in traces)
+def _contribution(member: np.ndarray, projections: np.ndarray, sampled: int) -> float:
+    """The mean projection of in canaries (``member``) minus that of out canaries, per sampled step
+    (``sampled`` in all): an included canary's mean contribution to the noised sum."""
     if not member.any() or not sampled:
         return 0.0
-    excess = projections[:, member].sum() - member.sum() * mechanism.steps * projections[:, ~member].mean()
+    steps = projections.shape[0]
+    excess = projections[:, member].sum() - member.sum() * steps * projections[:, ~member].mean()
     return float(excess / sampled)
 
 
