@@ -5,7 +5,7 @@ import torch
 from dpseg.datalist import resolve
 from dpseg.dptrain import (LocalTrainer, PatientSlices, StepStats, poisson_sample, secure_slices, seeded_slices,
                            set_trained_layers, unet_paths)
-from dpseg.privacy import Accountant, PrivacySettings, calibrate
+from dpseg.privacy import Accountant, PrivacyPlan, calibrate
 from dpseg.securerandom import SecureRandom
 
 
@@ -155,7 +155,7 @@ def test_k_slices_per_patient_are_drawn_on_their_own_and_noise_is_drawn_once_per
     assert images.shape == (6, 1, 128, 128) and labels.shape == (6, 1, 128, 128)
     assert not torch.equal(images[0], images[1]) or not torch.equal(images[1], images[2])  # independent draws
     net = bundle.network()
-    acc = Accountant(PrivacySettings(8.0, 1e-5, 1.0, 2, 0.5, 2, "rdp", 1.0))  # a fixed noise: no calibration
+    acc = Accountant(PrivacyPlan(8.0, 1e-5, 1.0, 2, 0.5, 2, "rdp", 1.0))  # a fixed noise: no calibration
     trainer = LocalTrainer(net, bundle.loss(), data, 1e-3, 2, acc, slices_per_patient=3, record=True)
     sizes = _count_noise(trainer)
     stats = trainer.run(2)
@@ -217,7 +217,7 @@ def test_the_trained_layers_of_the_bundle_network(bundle):
 def test_frozen_layers_are_untouched_by_dp_steps_and_the_noise_has_the_trained_size(bundle, cohort):
     net = bundle.network()
     before = {k: v.detach().clone() for k, v in net.named_parameters()}
-    acc = Accountant(PrivacySettings(8.0, 1e-5, 1.0, 1, 0.25, 2, "rdp", 1.0))
+    acc = Accountant(PrivacyPlan(8.0, 1e-5, 1.0, 1, 0.25, 2, "rdp", 1.0))
     trainer = LocalTrainer(net, bundle.loss(), _data(bundle, cohort), 1e-2, 1, acc, slices_per_patient=2,
                            train_layers="decoder")
     sizes = _count_noise(trainer)

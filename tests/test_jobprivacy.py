@@ -30,7 +30,7 @@ def test_a_refused_job_stays_refused_in_later_rounds(tmp_path):
 def test_an_accepted_job_is_calibrated_for_all_rounds_and_checks_each_round(tmp_path):
     privacy = _privacy(tmp_path, 20.0)
     assert "calibrated noise multiplier" in privacy.start(steps=3 * 2, n_patients=4)
-    assert privacy.accountant.settings.steps == 3 * 2
+    assert privacy.accountant.plan.steps == 3 * 2
     assert Ledger.open(tmp_path / "ledger.json").committed() == pytest.approx(8.0)
     privacy.check_round(None, 2, 0)
     with pytest.raises(PrivacyError, match="sample_rate=0.25: refused"):
@@ -64,8 +64,8 @@ def test_a_resumed_job_continues_the_stopped_jobs_accountant(tmp_path):
     # and the new plan covers every round left, not just the next one
     used_up = _privacy(tmp_path, 20.0, job_id="job-8", resumes="job-1")
     used_up.start(steps=2 * 2, n_patients=4)
-    s = used_up.accountant.settings
-    assert s.steps == 6 + 2 * 2 and s.noise_multiplier > stopped.accountant.settings.noise_multiplier
+    s = used_up.accountant.plan
+    assert s.steps == 6 + 2 * 2 and s.noise_multiplier > stopped.accountant.plan.noise_multiplier
     used_up.accountant.step(2)
     used_up.accountant.step(2)
     assert used_up.accountant.epsilon() <= 8.0

@@ -5,12 +5,12 @@ import pytest
 
 from conftest import run_cli
 from dpseg.ledger import Ledger, lock_path
-from dpseg.privacy import Accountant, PrivacyError, PrivacySettings, calibrate
+from dpseg.privacy import Accountant, PrivacyError, PrivacyPlan, calibrate
 
 
-def settings(epsilon: float, delta: float = 1e-5, accountant: str = "rdp") -> PrivacySettings:
+def settings(epsilon: float, delta: float = 1e-5, accountant: str = "rdp") -> PrivacyPlan:
     """A job's privacy settings as the ledger sees them (no calibration needed)."""
-    return PrivacySettings(target_epsilon=epsilon, delta=delta, max_grad_norm=1.0, batch_size=16,
+    return PrivacyPlan(target_epsilon=epsilon, delta=delta, max_grad_norm=1.0, batch_size=16,
                            sample_rate=16 / 84, steps=10, accountant=accountant, noise_multiplier=1.0)
 
 

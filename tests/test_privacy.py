@@ -53,6 +53,8 @@ def test_accountant_continues_across_rounds_and_restarts():
     assert acc.steps == 60
     with pytest.raises(PrivacyError, match="planned 60 steps"):
         acc.step(1)
+    older = {"settings": acc.state()["plan"], "history": acc.state()["history"]}  # a ledger written earlier
+    assert Accountant.from_state(older).epsilon() == acc.epsilon()
 
 
 def test_calibration_refuses_unsafe_settings():
@@ -106,7 +108,7 @@ def test_a_stopped_job_continues_its_saved_accountant_from_the_ledger(tmp_path):
     assert Ledger.open(tmp_path / "l.json").jobs["job-a"]["continued_by"] == ["job-a2"]
     # the plan is used up (its site trained rounds the server never completed): more steps get more noise
     more = continue_accountant(ledger, "job-a", 10, **same)
-    assert more.steps == 30 and more.settings.steps == 40 and more.settings.noise_multiplier > s.noise_multiplier
+    assert more.steps == 30 and more.plan.steps == 40 and more.plan.noise_multiplier > s.noise_multiplier
     before = more.epsilon()
     more.step(10)
     assert before < more.epsilon() <= 4.0

@@ -257,7 +257,7 @@ class LocalTrainer:
             self._fixed = lambda n, size: fixed_sample(n, size, generator)
             self.model, self.optimizer = network, base
         else:
-            s = accountant.settings
+            s = accountant.plan
             self.sample_rate = s.sample_rate
             self.random = SecureRandom()
             self._poisson = self.random.bernoulli

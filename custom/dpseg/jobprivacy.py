@@ -53,7 +53,7 @@ class JobPrivacy:
             max_grad_norm=self.max_grad_norm, batch_size=self.batch_size, sample_rate=self.sample_rate,
             accountant=self.accountant_name)
         if accountant is not None:
-            s = accountant.settings
+            s = accountant.plan
             message = (f"{self.site}: continuing ledger entry {self.entry}: {accountant.steps} steps done, epsilon "
                        f"{accountant.epsilon():.3f} spent; {steps} more at noise multiplier {s.noise_multiplier:.4f} "
                        f"(plan: {s.steps} steps, epsilon <= {s.target_epsilon})")
@@ -67,8 +67,8 @@ class JobPrivacy:
             message = (f"{self.site}: calibrated noise multiplier {s.noise_multiplier:.4f} for epsilon "
                        f"{s.target_epsilon} at delta {s.delta} over {s.steps} steps (sample rate "
                        f"{s.sample_rate:.4f}, accountant {s.accountant}); ledger entry {self.entry}")
-        check_cohort(accountant.settings, n_patients)
-        ledger.reserve(self.entry, accountant.settings)
+        check_cohort(accountant.plan, n_patients)
+        ledger.reserve(self.entry, accountant.plan)
         if self.resumes:
             ledger.note_continuation(self.entry, self.job_id)
         self.accountant, self.ledger = accountant, ledger
@@ -81,8 +81,8 @@ class JobPrivacy:
     def check_round(self, requested: dict | None, steps: int, current_round: int) -> None:
         """Refuse (PrivacyError) a round whose ``requested`` privacy settings (the task's privacy
         meta, if any) differ from the calibrated ones, or whose ``steps`` do not fit the plan."""
-        self.accountant.settings.check_same(**(requested or {}))
-        planned = self.accountant.settings.steps
+        self.accountant.plan.check_same(**(requested or {}))
+        planned = self.accountant.plan.steps
         if self.accountant.steps + steps > planned:
             raise PrivacyError(f"round {current_round}: this site has spent {self.accountant.steps} of the "
                                f"{planned} steps it calibrated for (ledger entry {self.entry}); {steps} more do "
@@ -94,7 +94,7 @@ class JobPrivacy:
 
     def meta(self) -> dict:
         """The privacy meta of an update sent now (``PrivacyMeta`` as a dict)."""
-        s = self.accountant.settings
+        s = self.accountant.plan
         return PrivacyMeta(dp=True, adjacency=s.adjacency, epsilon=float(self.accountant.epsilon()), delta=s.delta,
                            target_epsilon=s.target_epsilon, noise_multiplier=s.noise_multiplier,
                            sample_rate=s.sample_rate, steps=self.accountant.steps, planned_steps=s.steps,

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dpseg.files import write_whole
-from dpseg.privacy import Accountant, PrivacyError, PrivacySettings
+from dpseg.privacy import Accountant, PrivacyError, PrivacyPlan
 from dpseg.site import DEFAULT_TOTAL_DELTA, ledger_init_command
 
 __all__ = ["DEFAULT_TOTAL_DELTA", "FORMAT", "LOCK_TIMEOUT_S", "Ledger", "lock_path"]
@@ -103,7 +103,7 @@ class Ledger:
         return Accountant.from_state(state) if state else None
 
     # ----------------------------------------------------------------------------- changes
-    def reserve(self, job_id: str, settings: PrivacySettings) -> None:
+    def reserve(self, job_id: str, plan: PrivacyPlan) -> None:
         """Enter a job at its target epsilon and delta; refuse it (PrivacyError) if the site's
         committed epsilon or delta plus the job's would pass the ledger's totals. A job already
         entered with the same target and delta (a resumed job) is counted once."""
@@ -111,13 +111,13 @@ class Ledger:
         def apply(jobs: dict) -> bool:
             if job_id in jobs:
                 entry = jobs[job_id]
-                if (entry["target_epsilon"], entry["delta"]) != (settings.target_epsilon, settings.delta):
+                if (entry["target_epsilon"], entry["delta"]) != (plan.target_epsilon, plan.delta):
                     raise PrivacyError(f"job {job_id} is already in the ledger {self.path} with another target "
                                        f"epsilon or delta ({entry['target_epsilon']}, {entry['delta']}): refused")
                 return False
-            self._check_room(job_id, settings.target_epsilon, settings.delta)
-            jobs[job_id] = {"target_epsilon": settings.target_epsilon, "delta": settings.delta,
-                            "spent_epsilon": 0.0, "steps": 0, "accountant": settings.accountant,
+            self._check_room(job_id, plan.target_epsilon, plan.delta)
+            jobs[job_id] = {"target_epsilon": plan.target_epsilon, "delta": plan.delta,
+                            "spent_epsilon": 0.0, "steps": 0, "accountant": plan.accountant,
                             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
             return True
 

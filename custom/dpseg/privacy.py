@@ -38,7 +38,7 @@ class PrivacyError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class PrivacySettings:
+class PrivacyPlan:
     """What a site calibrated for, fixed for the whole job.
 
     target_epsilon / delta: the (epsilon, delta) the job must not exceed at the patient level;
@@ -72,7 +72,7 @@ class PrivacySettings:
 
 
 def calibrate(target_epsilon: float, delta: float, max_grad_norm: float, batch_size: int,
-              sample_rate: float, steps: int, accountant: str = "prv") -> PrivacySettings:
+              sample_rate: float, steps: int, accountant: str = "prv") -> PrivacyPlan:
     """Noise multiplier such that ``steps`` Poisson-sampled steps at rate ``sample_rate`` spend at
     most ``target_epsilon`` (add/remove one patient). Every argument is a public job setting: the
     site's number of patients plays no part (see ``check_cohort``)."""
@@ -89,12 +89,12 @@ def calibrate(target_epsilon: float, delta: float, max_grad_norm: float, batch_s
     if sigma is None:
         sigma = noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant)
         _keep_noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant, sigma)
-    settings = PrivacySettings(target_epsilon, delta, max_grad_norm, batch_size, sample_rate, steps,
-                               accountant, float(sigma))
-    planned = Accountant(settings).epsilon_after(steps)
+    plan = PrivacyPlan(target_epsilon, delta, max_grad_norm, batch_size, sample_rate, steps,
+                       accountant, float(sigma))
+    planned = Accountant(plan).epsilon_after(steps)
     if planned > target_epsilon:
         raise PrivacyError(f"calibration failed: {planned:.4f} > target epsilon {target_epsilon}")
-    return settings
+    return plan
 
 
 EPSILON_TOLERANCE = 0.01  # a calibrated job spends between target - this and the target
@@ -184,22 +184,22 @@ def _keep_noise_multiplier(target_epsilon: float, delta: float, sample_rate: flo
         pass  # a cache only: the next job searches again
 
 
-def check_cohort(settings: PrivacySettings, n_patients: int) -> None:
+def check_cohort(plan: PrivacyPlan, n_patients: int) -> None:
     """Refuse a job whose delta is not below 1 / the site's training patients (checked at the site;
     the number itself never leaves it)."""
     if n_patients < 1:
         raise PrivacyError("the site has no training patients")
-    if settings.delta >= 1.0 / n_patients:
-        raise PrivacyError(f"delta={settings.delta} is not below 1/{n_patients} (one over the site's training "
+    if plan.delta >= 1.0 / n_patients:
+        raise PrivacyError(f"delta={plan.delta} is not below 1/{n_patients} (one over the site's training "
                            "patients): refused")
 
 
 class Accountant:
     """The accountant of one job at one site; its history persists across rounds (and restarts)."""
 
-    def __init__(self, settings: PrivacySettings, history: list | None = None):
-        self.settings = settings
-        self._acc = create_accountant(mechanism=settings.accountant)
+    def __init__(self, plan: PrivacyPlan, history: list | None = None):
+        self.plan = plan
+        self._acc = create_accountant(mechanism=plan.accountant)
         self._acc.history = [tuple(h) for h in (history or [])]
 
     @property
@@ -213,9 +213,9 @@ class Accountant:
 
     def step(self, n: int = 1) -> None:
         """Record ``n`` steps of the calibrated Gaussian mechanism; refuse to pass the plan."""
-        if self.steps + n > self.settings.steps:
-            raise PrivacyError(f"the job planned {self.settings.steps} steps; step {self.steps + n} refused")
-        s = self.settings
+        if self.steps + n > self.plan.steps:
+            raise PrivacyError(f"the job planned {self.plan.steps} steps; step {self.steps + n} refused")
+        s = self.plan
         hist = self._acc.history
         if hist and hist[-1][0] == s.noise_multiplier and hist[-1][1] == s.sample_rate:
             hist[-1] = (s.noise_multiplier, s.sample_rate, hist[-1][2] + n)
@@ -223,31 +223,32 @@ class Accountant:
             hist.append((s.noise_multiplier, s.sample_rate, n))
 
     def epsilon(self) -> float:
-        """Epsilon spent so far at the settings' delta, over the whole history (which holds more
+        """Epsilon spent so far at the plan's delta, over the whole history (which holds more
         than one noise multiplier after a re-plan); 0 before the first step."""
-        return history_epsilon(self._acc.history, self.settings) if self.steps else 0.0
+        return history_epsilon(self._acc.history, self.plan) if self.steps else 0.0
 
     def epsilon_after(self, steps: int) -> float:
         """Epsilon of ``steps`` steps of this mechanism (for planning)."""
-        s = self.settings
+        s = self.plan
         acc = create_accountant(mechanism=s.accountant)
         acc.history = [(s.noise_multiplier, s.sample_rate, steps)]
         return float(acc.get_epsilon(delta=s.delta))
 
     def state(self) -> dict:
-        return {"settings": asdict(self.settings), "history": [list(h) for h in self._acc.history]}
+        return {"plan": asdict(self.plan), "history": [list(h) for h in self._acc.history]}
 
     @classmethod
     def from_state(cls, state: dict) -> "Accountant":
-        return cls(PrivacySettings(**state["settings"]), state["history"])
+        plan = state["plan"] if "plan" in state else state["settings"]  # older ledgers name the plan "settings"
+        return cls(PrivacyPlan(**plan), state["history"])
 
 
-def history_epsilon(history: list, settings: PrivacySettings, extra: tuple | None = None) -> float:
-    """Epsilon at ``settings.delta`` of an accountant history [(noise multiplier, sample rate,
-    steps), ...], plus an ``extra`` entry if given, by the settings' accountant."""
-    acc = create_accountant(mechanism=settings.accountant)
+def history_epsilon(history: list, plan: PrivacyPlan, extra: tuple | None = None) -> float:
+    """Epsilon at ``plan.delta`` of an accountant history [(noise multiplier, sample rate,
+    steps), ...], plus an ``extra`` entry if given, by the plan's accountant."""
+    acc = create_accountant(mechanism=plan.accountant)
     acc.history = [tuple(h) for h in history] + ([extra] if extra else [])
-    return float(acc.get_epsilon(delta=settings.delta))
+    return float(acc.get_epsilon(delta=plan.delta))
 
 
 def replan(accountant: Accountant, more_steps: int) -> Accountant:
@@ -256,7 +257,7 @@ def replan(accountant: Accountant, more_steps: int) -> Accountant:
     the noise multiplier of the further steps is raised, never lowered, so that the whole history
     stays within the target epsilon. Refused (PrivacyError) when no noise below 1000 x the
     calibrated one does."""
-    s = accountant.settings
+    s = accountant.plan
     if accountant.steps + more_steps <= s.steps:
         return accountant
     history = accountant.history
@@ -280,7 +281,7 @@ def continue_accountant(ledger: "Ledger", job_id: str, more_steps: int, **settin
     """The saved accountant of ledger entry ``job_id`` (a stopped job this job continues), ready
     for the continuing job's ``more_steps``; None when the entry has none.
 
-    Refused (PrivacyError) when this job's privacy ``settings`` (the PrivacySettings fields it can
+    Refused (PrivacyError) when this job's privacy ``settings`` (the PrivacyPlan fields it can
     state before calibrating: target_epsilon, delta, max_grad_norm, batch_size, sample_rate,
     accountant) differ from the saved ones. When the steps left in the plan are fewer than
     ``more_steps``, the further steps get more noise (``replan``): the entry's epsilon never passes
@@ -289,7 +290,7 @@ def continue_accountant(ledger: "Ledger", job_id: str, more_steps: int, **settin
     if accountant is None:
         return None
     try:
-        accountant.settings.check_same(**settings)
+        accountant.plan.check_same(**settings)
         return replan(accountant, more_steps)
     except PrivacyError as err:
         raise PrivacyError(f"cannot continue ledger entry {job_id} of {ledger.path}: {err}") from None

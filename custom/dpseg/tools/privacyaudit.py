@@ -40,7 +40,7 @@ from scipy.optimize import brentq
 from scipy.stats import beta, norm
 
 from dpseg.dptrain import LocalTrainer, StepStats
-from dpseg.privacy import Accountant, PrivacySettings, calibrate
+from dpseg.privacy import Accountant, PrivacyPlan, calibrate
 
 CANARY_NORM = 10.0  # a canary's gradient norm, in clip norms
 CONFIDENCE = 0.95
@@ -84,7 +84,7 @@ class Mechanism:
     def steps(self) -> int:
         return self.local_steps * self.rounds
 
-    def settings(self, steps: int | None = None) -> PrivacySettings:
+    def plan(self, steps: int | None = None) -> PrivacyPlan:
         """The site's calibration for ``steps`` (all the job's by default)."""
         return calibrate(self.epsilon, self.delta, self.max_grad_norm, self.batch_size, self.sample_rate,
                          steps or self.steps)
@@ -133,9 +133,9 @@ def canary_run(mechanism: Mechanism, variant: Variant, canaries: int, generator:
     cohort by a fair coin; returns what the auditor sees."""
     member = generator.random(canaries) < 0.5
     in_coords = np.flatnonzero(member)
-    settings = mechanism.settings(mechanism.local_steps if variant.reset_every_round else None)
-    sigma = settings.noise_multiplier * variant.noise_factor
-    settings = PrivacySettings(**{**asdict(settings), "noise_multiplier": sigma, "steps": mechanism.steps})
+    calibrated = mechanism.plan(mechanism.local_steps if variant.reset_every_round else None)
+    sigma = calibrated.noise_multiplier * variant.noise_factor
+    plan = PrivacyPlan(**{**asdict(calibrated), "noise_multiplier": sigma, "steps": mechanism.steps})
     outputs = 10
     features = -(-canaries // outputs)
     network = torch.nn.Linear(features, outputs, bias=False)
@@ -152,7 +152,7 @@ def canary_run(mechanism: Mechanism, variant: Variant, canaries: int, generator:
         sampled += len(indices)
 
     trainer = LocalTrainer(network, torch.nn.MSELoss(), CanaryCohort(len(in_coords), features, outputs), lr=1.0,
-                           batch_size=mechanism.batch_size, accountant=Accountant(settings), optimizer="sgd",
+                           batch_size=mechanism.batch_size, accountant=Accountant(plan), optimizer="sgd",
                            per_sample_hook=canary_gradients)
     if not variant.clip:  # clipping at a norm no gradient reaches, the noise's scale kept
         trainer.optimizer.max_grad_norm = 1e12
@@ -250,7 +250,7 @@ def audit_variant(mechanism: Mechanism, variant: Variant, runs: int, canaries: i
     """Audit one variant: ``runs`` runs of ``canaries`` canaries; returns (its result row, scores,
     membership). The scores assume the claimed (shipped) mechanism, whatever the variant does."""
     generator = np.random.default_rng(seed)
-    claimed = mechanism.settings()
+    claimed = mechanism.plan()
     started = time.perf_counter()
     traces = []
     for run in range(runs):
@@ -292,7 +292,7 @@ def privacy_audit(out: Path, mechanism: Mechanism | None = None, runs: int = 50,
     ``out/privacy_audit.png`` (the canary scores, in against out, per variant); returns the results."""
     mechanism = mechanism or job_mechanism()
     out.mkdir(parents=True, exist_ok=True)
-    claimed = mechanism.settings()
+    claimed = mechanism.plan()
     progress(f"privacy audit: claimed epsilon {mechanism.epsilon:g}, delta {mechanism.delta:g}; {mechanism.steps} "
              f"steps at rate {mechanism.sample_rate:g}, noise multiplier {claimed.noise_multiplier:.3f}; "
              f"{len(variants)} variants x {runs} runs x {canaries} canaries")
