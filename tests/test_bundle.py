@@ -4,7 +4,6 @@ import sys
 
 import nibabel as nib
 import numpy as np
-import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.validators import ModuleValidator

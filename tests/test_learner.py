@@ -112,6 +112,10 @@ def test_every_simulator_run_gets_its_own_ledger_entry():
     ({"slices_per_patient": True}, ValueError, "slices_per_patient"),
     ({"train_layers": "encoder"}, ValueError, "train_layers"),
     ({"train_layers": "$@network_def"}, ValueError, "train_layers"),
+    ({"canaries": -1}, ValueError, "canaries"),
+    ({"canaries": "1000"}, ValueError, "canaries"),
+    ({"canary_seed": 1.5}, ValueError, "canary_seed"),
+    ({"dp": False, "canaries": 10}, ValueError, "audit canaries join DP steps only"),
 ])
 def test_job_arguments_are_plain_values_never_code(args, error, name):
     with pytest.raises(error, match=name):

@@ -322,7 +322,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def cmd_privacy_audit(args: argparse.Namespace) -> int:
     from dpseg.privacy import PrivacyError
-    from dpseg.tools.privacyaudit import VARIANTS, job_mechanism, privacy_audit
+
+    if args.fl:
+        return fl_privacy_audit(args)
+    from dpseg.tools.privacyaudit import VARIANTS, job_mechanism, privacy_audit, wrong_verdicts
 
     try:
         mechanism = job_mechanism(Path(args.job) if args.job else None, epsilon=args.epsilon, rounds=args.rounds)
@@ -332,10 +335,31 @@ def cmd_privacy_audit(args: argparse.Namespace) -> int:
     except (FileNotFoundError, KeyError, ValueError, PrivacyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    wrong = [r["variant"] for r in results["results"] if r["caught"] != r["broken"]]
+    wrong = wrong_verdicts(results)
     if wrong:
         print(f"error: the audit got these variants wrong (a broken one not caught, or the shipped one caught): "
               f"{', '.join(wrong)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def fl_privacy_audit(args: argparse.Namespace) -> int:
+    """``dpseg privacy-audit --fl``: the one-run audit inside a real job (``dpseg.tools.onerun``)."""
+    from dpseg.jobs import JOBS_DIR
+    from dpseg.tools.onerun import fl_one_run
+
+    work = Path(args.work or Path(args.out) / "fl_work")
+    cohort = Path(args.data) if args.data else work / "data"
+    if not args.data and not (cohort / "site-1" / "datalist.json").is_file():
+        write_synthetic(cohort, 3, None, seed=0)  # the default cohort, as make demo writes it
+    try:
+        results = fl_one_run(Path(args.out), work, cohort, Path(args.job) if args.job else JOBS_DIR / "fed_dp",
+                             canaries=args.fl_canaries, rounds=args.rounds, progress=lambda m: print(m, flush=True))
+    except (FileNotFoundError, FileExistsError, KeyError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if results["caught"]:
+        print("error: the one-run audit's lower bound is above the claimed epsilon", file=sys.stderr)
         return 1
     return 0
 
@@ -501,6 +525,12 @@ def _audit_commands(sub) -> None:
     p.add_argument("--runs", type=int, default=50, help="runs per variant (default 50)")
     p.add_argument("--canaries", type=int, default=400, help="canaries per run (default 400; each in by a fair coin)")
     p.add_argument("--shipped-only", action="store_true", help="audit the shipped mechanism alone")
+    p.add_argument("--fl", action="store_true", help="instead: the one-run audit inside the real job in the NVFlare "
+                   "simulator (canaries at every site; privacy_audit_fl.json; about a demo's time)")
+    p.add_argument("--fl-canaries", type=int, default=1000, help="--fl: canaries per site (default 1000)")
+    p.add_argument("--data", help="--fl: cohort root with site-*/datalist.json (default: the synthetic cohort, "
+                   "written into the work folder)")
+    p.add_argument("--work", help="--fl: work folder for the job copy, workspace and log (default OUT/fl_work)")
     p.set_defaults(func=cmd_privacy_audit)
 
     p = sub.add_parser("monailabel-check", help="the bundle in a real MONAI Label server: /info, /infer, /train")

@@ -224,8 +224,9 @@ class LocalTrainer:
     ``train_layers``: which parameters train (``set_trained_layers``); ``self.trained_parameters``
     is their number. ``per_sample_hook(indices, params)``: called in every DP step (grad-sample
     mode "fast") after the per-sample gradients (``p.grad_sample``) of the sampled patients
-    ``indices`` are computed and before they are clipped: the privacy audit's way in (its canaries,
-    ``dpseg.tools.privacyaudit``); None in training.
+    ``indices`` are computed (also when none is sampled) and before they are clipped: the privacy
+    audits' way in (their canaries: ``dpseg.tools.privacyaudit``, ``dpseg.canaries``); None in
+    training.
     """
 
     def __init__(self, network: torch.nn.Module, loss_fn, data: PatientSlices, lr: float, batch_size: int,
@@ -292,6 +293,8 @@ class LocalTrainer:
         elif self.accountant is not None:
             for p in self.optimizer.params:  # no patient: clipped sum is zero, noise still added
                 p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+            if self.per_sample_hook is not None:
+                self.per_sample_hook(indices, self.optimizer.params)
         else:
             stats.empty_steps += 1
             stats.steps += 1
@@ -302,6 +305,11 @@ class LocalTrainer:
         stats.steps += 1
         stats.samples += len(indices)
         stats.empty_steps += not indices
+
+    def poisson(self, n: int) -> list[int]:
+        """A Poisson sample of ``range(n)`` at this trainer's rate, from its own sampler (with DP the
+        secure one): how an audit's canaries are sampled like patients."""
+        return self._poisson(n, self.sample_rate)
 
     def run(self, steps: int, abort=lambda: False) -> StepStats:
         """Run ``steps`` steps (fewer if ``abort()`` turns true); the optimiser state persists.

@@ -41,6 +41,7 @@ from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 
 from dpseg.bundle import Bundle
+from dpseg.canaries import CanaryInjector, CanarySet, trained_parameters
 from dpseg.checks import check_datalist
 from dpseg.datalist import resolve
 from dpseg.dptrain import OPTIMIZERS, SAMPLINGS, TRAIN_LAYERS, LocalTrainer, secure_slices, seeded_slices
@@ -64,12 +65,13 @@ LEDGER_ENTRY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 CHOICES = {"accountant": ("prv", "rdp"), "optimizer": tuple(OPTIMIZERS), "sampling": SAMPLINGS,
            "train_layers": TRAIN_LAYERS}
 COUNTS = ("slices_per_patient",)  # integers >= 1
+NATURALS = ("canaries", "canary_seed")  # integers >= 0
 
 
 def check_job_arguments(**args) -> None:
     """The job's arguments are plain values of the expected kind, never code or paths: flags are
-    booleans, settings in CHOICES one of their values, COUNTS integers >= 1, everything else a
-    number. Raises TypeError or ValueError naming the argument (the site builds nothing from a
+    booleans, settings in CHOICES one of their values, COUNTS integers >= 1, NATURALS integers
+    >= 0, everything else a number. Raises TypeError or ValueError naming the argument (the site builds nothing from a
     job's strings)."""
     for name, value in args.items():
         if name == "resume":
@@ -83,9 +85,10 @@ def check_job_arguments(**args) -> None:
         elif name in CHOICES:
             if value not in CHOICES[name]:
                 raise ValueError(f"job argument {name} must be one of {CHOICES[name]}, got {value!r}")
-        elif name in COUNTS:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"job argument {name} must be an integer >= 1, got {value!r}")
+        elif name in COUNTS or name in NATURALS:
+            least = 1 if name in COUNTS else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"job argument {name} must be an integer >= {least}, got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"job argument {name} must be a number, got {value!r}")
 
@@ -151,20 +154,26 @@ class SiteLearner(Executor):
     job folder (``audit/``) for the site's own audit (one slice per patient, all layers trained);
     resume: {site name: ledger entry} of a stopped job that this job continues (written by
     ``dpseg resume-job``): the site's accountant continues from the state saved in its ledger.
+    canaries, canary_seed: only in the audit copy of a DP job (``dpseg privacy-audit --fl``): this
+    many audit canaries join the site's DP steps (``dpseg.canaries``); 0 (every shipped job) none.
     """
 
     def __init__(self, *, dp: bool, target_epsilon: float, delta: float, max_grad_norm: float, batch_size: int,
                  sample_rate: float, local_steps: int, learning_rate: float, local_epochs: float = 1.0,
                  accountant: str = "prv", data_source: str = "site", seed: int = 0, optimizer: str = "adam",
                  sampling: str = "poisson", slices_per_patient: int = 1, train_layers: str = "all",
-                 record_batches: bool = False, resume: dict | None = None, train_task: str = AppConstants.TASK_TRAIN,
+                 record_batches: bool = False, resume: dict | None = None, canaries: int = 0, canary_seed: int = 0,
+                 train_task: str = AppConstants.TASK_TRAIN,
                  validate_task: str = AppConstants.TASK_VALIDATION, log_writer_id: str = "log_writer"):
         super().__init__()
         check_job_arguments(dp=dp, record_batches=record_batches, target_epsilon=target_epsilon, delta=delta,
                             max_grad_norm=max_grad_norm, batch_size=batch_size, local_epochs=local_epochs,
                             learning_rate=learning_rate, seed=seed, local_steps=local_steps, sample_rate=sample_rate,
                             accountant=accountant, optimizer=optimizer, sampling=sampling,
-                            slices_per_patient=slices_per_patient, train_layers=train_layers, resume=resume or {})
+                            slices_per_patient=slices_per_patient, train_layers=train_layers, resume=resume or {},
+                            canaries=canaries, canary_seed=canary_seed)
+        if canaries and not dp:
+            raise ValueError(f"canaries={canaries}: audit canaries join DP steps only (this job has dp false)")
         if data_source not in ("site", "synthetic"):
             raise ValueError(f"data_source must be 'site' or 'synthetic', got {data_source!r}")
         if dp and sampling != "poisson":
@@ -187,6 +196,7 @@ class SiteLearner(Executor):
         self.learning_rate, self.accountant_name, self.data_source = learning_rate, accountant, data_source
         self.seed, self.train_task, self.validate_task = seed, train_task, validate_task
         self.log_writer_id = log_writer_id
+        self.canaries, self.canary_seed = canaries, canary_seed
         self.ready = False
         self.privacy: JobPrivacy | None = None  # with DP: the job's privacy at this site
         self.trainer: LocalTrainer | None = None
@@ -306,6 +316,8 @@ class SiteLearner(Executor):
                                         optimizer=self.optimizer_name, sampling=self.sampling,
                                         record=self.record_batches, sample_rate=self.sample_rate,
                                         slices_per_patient=self.slices_per_patient, train_layers=self.train_layers)
+            if self.canaries:
+                self.trainer.per_sample_hook = self._canary_injector(fl_ctx)
             self.log_info(fl_ctx, f"{self.site}: training {self.trainer.trained_parameters} of "
                                   f"{sum(p.numel() for p in self.network.parameters())} parameters (train_layers "
                                   f"{self.train_layers!r}), {self.slices_per_patient} slice(s) per patient")
@@ -343,11 +355,20 @@ class SiteLearner(Executor):
         records.append({"site": self.site, "round": current_round, "train_seconds": seconds, "peak_rss_mb": peak_mb})
         write_whole(path, lambda tmp: tmp.write_text(json.dumps(records, indent=1) + "\n"))
 
+    def _canary_injector(self, fl_ctx: FLContext) -> CanaryInjector:
+        """The audit canaries' hook into this site's DP steps (an audit job only)."""
+        named = trained_parameters(self.network)
+        canaries = CanarySet(self.canaries, self.canary_seed, self.site, [p.numel() for _, p in named])
+        self.log_warning(fl_ctx, f"{self.site}: PRIVACY AUDIT JOB: {self.canaries} audit canaries "
+                                 f"({int(canaries.member.sum())} in) join this site's DP steps (seed {self.canary_seed})")
+        return CanaryInjector(canaries, [p for _, p in named], self.max_grad_norm, self.trainer.poisson)
+
     def _training_meta(self) -> dict:
         """The job's public local-training settings (what an auditor's attacker may assume)."""
         return {"learning_rate": self.learning_rate, "local_steps": self.local_steps, "batch_size": self.batch_size,
                 "optimizer": self.optimizer_name, "sampling": self.sampling,
-                "slices_per_patient": self.slices_per_patient, "train_layers": self.train_layers}
+                "slices_per_patient": self.slices_per_patient, "train_layers": self.train_layers,
+                **({"canaries": self.canaries, "canary_seed": self.canary_seed} if self.canaries else {})}
 
     @torch.no_grad()
     def _validation_metrics(self) -> dict:

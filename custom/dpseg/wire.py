@@ -20,6 +20,7 @@ REJECTED_FILE = "dpseg_rejected.json"  # dpseg.updatefilter.UpdateFilter: update
 AUDIT_FILE = "dpseg_audit.json"  # dpseg.auditjob.AuditController: the sites' audit acknowledgements
 RESUME_FILE = "dpseg_resume.pt"  # dpseg.server.BundlePersistor: the resume point
 BUNDLE_OUT = "bundle"  # dpseg.server.BundlePersistor: the job's model as a copy of the bundle
+UPDATE_SUMS_FILE = "dpseg_update_sums.npz"  # dpseg.updatesums.UpdateSums: each site's updates summed (audit copies)
 # per round, the site's own record of its training time and memory (in its job folder; never sent)
 SITE_ROUNDS_FILE = "dpseg_site_rounds.json"
 SITE_ERRORS = {

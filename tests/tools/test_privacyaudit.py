@@ -6,10 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import norm
 
-from dpseg.tools.privacyaudit import (VARIANTS, Mechanism, canary_run, clopper_pearson, epsilon_of_rates, gdp_delta,
-                                gdp_epsilon, log_likelihood_ratios, lower_bounds, privacy_audit)
+from dpseg.tools.privacyaudit import (VARIANTS, Mechanism, canary_run, clopper_pearson, epsilon_of_rates,
+                                      log_likelihood_ratios, lower_bounds, privacy_audit, wrong_verdicts)
 
 TINY = Mechanism(epsilon=8.0, delta=1e-5, max_grad_norm=1.0, batch_size=4, sample_rate=0.25, local_steps=5, rounds=2)
 SHIPPED, NOISE_OFF = VARIANTS[0], VARIANTS[1]
@@ -23,10 +22,6 @@ def test_the_bounds_against_hand_computations():
     # TPR 0.9, FPR 0.01, delta 0: epsilon >= log(90), or log(0.99 / 0.1) from the complement
     assert epsilon_of_rates(0.9, 0.01, 0.0) == pytest.approx(math.log(90))
     assert epsilon_of_rates(0.5, 0.5, 0.0) == 0.0
-    # mu-GDP: delta(0) = 2 Phi(mu / 2) - 1, and gdp_epsilon inverts gdp_delta
-    assert gdp_delta(0.0, 1.0) == pytest.approx(2 * norm.cdf(0.5) - 1)
-    assert gdp_delta(gdp_epsilon(1.63, 1e-5), 1.63) == pytest.approx(1e-5, rel=1e-6)
-    assert gdp_epsilon(0.0, 1e-5) == 0.0
     # one step: log((1 - q) + q exp((y C - C^2 / 2) / (sigma C)^2))
     q, c, sigma, y = 0.25, 1.0, 2.0, 0.7
     mech = Mechanism(8.0, 1e-5, c, 4, q, 1, 1)
@@ -54,6 +49,11 @@ def test_noise_off_is_caught_and_the_shipped_mechanism_is_not(tmp_path):
     assert broken["caught"] and broken["epsilon_lower_bound_gdp"] > 8.0
     assert shipped["noise_std_over_clip"] == pytest.approx(results["noise_multiplier"], rel=0.1)
     assert broken["noise_std_over_clip"] == 0.0 and broken["contribution_over_clip"] == pytest.approx(1.0, abs=1e-4)
+    # the one-run audit of each: noise off is far above the claim, the shipped bound is not
+    assert shipped["epsilon_lower_bound_one_run"] <= 8.0 and broken["estimate_above_claim"]
+    assert shipped["one_run_canaries"] == broken["one_run_canaries"] == 1000
+    assert wrong_verdicts(results) == []
+    assert wrong_verdicts({"results": [{**broken, "caught": False, "estimate_above_claim": False}]}) == ["noise off"]
     for name in ("privacy_audit.json", "privacy_audit.md", "privacy_audit.png"):
         assert (tmp_path / name).stat().st_size > 0
     assert "| noise off | yes |" in (tmp_path / "privacy_audit.md").read_text()
