@@ -33,3 +33,19 @@ def test_the_estimate_recovers_the_epsilon_of_a_gaussian_mechanism():
     figures = one_run_figures(scores, member, 1e-5)
     assert figures["one_run_canaries"] == 20000 and figures["one_run_in"] == int(member.sum())
     assert gaussian_estimate(np.ones(5), np.zeros(5), 1e-5) == 200.0  # a perfect separation is capped
+
+
+def test_a_canary_in_the_update_sum_scores_high_whatever_the_sign_convention_of_updates():
+    import torch
+
+    from dpseg.bundle import Bundle
+    from dpseg.canaries import CanarySet, trained_parameters
+    from dpseg.tools.onerun import site_scores
+
+    named = trained_parameters(Bundle().network())
+    canaries = CanarySet(10, 4, "site-1", [p.numel() for _, p in named])
+    # a weight difference after a step on canary 3's gradient: minus the learning rate times u_3
+    step = -0.01 * canaries.direction(3)
+    sums = {n: chunk.reshape(p.shape).numpy() for (n, p), chunk in zip(named, torch.split(step, canaries.sizes))}
+    scores, member = site_scores(sums, 10, 4, "site-1", "all")
+    assert scores[3] == pytest.approx(1.0, abs=1e-5) and np.array_equal(member, canaries.member)

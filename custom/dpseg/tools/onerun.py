@@ -142,7 +142,9 @@ def audit_job(work: Path, job: Path, sites: list[str], canaries: int, canary_see
 
 def site_scores(sums: dict[str, np.ndarray], canaries: int, canary_seed: int, site: str,
                 train_layers: str) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, membership) of one site's canaries against its summed updates ``sums``."""
+    """(scores, membership) of one site's canaries against its summed updates ``sums``: the cosine
+    of each canary's direction with minus the sum, since an update is a weight difference (minus
+    the learning rate times the noised gradients) and a canary's gradient pushes it along -u."""
     from dpseg.bundle import Bundle
     from dpseg.canaries import CanarySet, trained_parameters
     from dpseg.dptrain import set_trained_layers
@@ -155,7 +157,7 @@ def site_scores(sums: dict[str, np.ndarray], canaries: int, canary_seed: int, si
         raise KeyError(f"{site}: the update sums lack trained parameters {missing[:3]}")
     flat = torch.cat([torch.as_tensor(sums[n]).reshape(-1) for n, _ in named])
     canary_set = CanarySet(canaries, canary_seed, site, [p.numel() for _, p in named])
-    return canary_set.scores(flat), canary_set.member
+    return canary_set.scores(-flat), canary_set.member
 
 
 def fl_one_run(out: Path, work: Path, cohort: Path, job: Path, canaries: int = 1000, canary_seed: int | None = None,
@@ -168,8 +170,6 @@ def fl_one_run(out: Path, work: Path, cohort: Path, job: Path, canaries: int = 1
 
     from dpseg.jobs import CLIENT_CONFIG, SERVER_CONFIG, site_ledgers
     from dpseg.tools.simulation import run_simulator
-    from dpseg.updatesums import load_update_sums
-    from dpseg.wire import UPDATE_SUMS_FILE
 
     sites = sorted(p.parent.name for p in Path(cohort).glob("site-*/datalist.json"))
     if not sites:
@@ -190,7 +190,18 @@ def fl_one_run(out: Path, work: Path, cohort: Path, job: Path, canaries: int = 1
     result = run_simulator(copy, work / "ws", env, sites, log=log, timeout=4 * 3600)
     if result.returncode != 0:
         raise RuntimeError(f"the audit job failed; see {log}")
+    return fl_results(out, work, job.name, client, canaries, seed, total_rounds, time.perf_counter() - started,
+                      progress)
+
+
+def fl_results(out: Path, work: Path, job_name: str, client: dict, canaries: int, seed: int, total_rounds: int,
+               seconds: float, progress=print) -> dict:
+    """Score the canaries of a finished audit run in ``work/ws`` and write the results into ``out``."""
+    from dpseg.updatesums import load_update_sums
+    from dpseg.wire import UPDATE_SUMS_FILE
+
     sums = load_update_sums(next((work / "ws" / "server").rglob(UPDATE_SUMS_FILE)))
+    sites = sorted(sums)
     per_site, all_scores, all_member = {}, [], []
     for site in sites:
         rounds_summed, site_sums = sums[site]
@@ -199,9 +210,9 @@ def fl_one_run(out: Path, work: Path, cohort: Path, job: Path, canaries: int = 1
         all_scores.append(scores)
         all_member.append(member)
     pooled = one_run_figures(np.concatenate(all_scores), np.concatenate(all_member), client["delta"])
-    results = {"claimed_epsilon": client["target_epsilon"], "delta": client["delta"], "job": job.name,
+    results = {"claimed_epsilon": client["target_epsilon"], "delta": client["delta"], "job": job_name,
                "rounds": total_rounds, "canaries_per_site": canaries, "canary_seed": seed, "confidence": CONFIDENCE,
-               "sites": per_site, "pooled": pooled, "seconds": time.perf_counter() - started,
+               "sites": per_site, "pooled": pooled, "seconds": seconds,
                "caught": pooled["epsilon_lower_bound_one_run"] > client["target_epsilon"],
                "estimate_above_claim": pooled["epsilon_estimate"] > client["target_epsilon"]}
     out.mkdir(parents=True, exist_ok=True)
