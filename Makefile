@@ -63,7 +63,7 @@ demo-baseline: $(STAMP)
 # DP vs non-DP step time of the bundle network (medians, same process) and each mode's peak memory,
 # attack time, simulator overhead and scaling (1, 2, 4, 8 sites) -> bench.json (about 10 min)
 bench: $(STAMP)
-	$(BIN)/python -m dpseg.tools.bench --attack --fl --json bench.json
+	$(BIN)/python -m dpseg.tools.bench --attack --fl --demo --json bench.json
 
 # The empirical epsilon of jobs/fed_dp: canaries through the site's DP step, the shipped mechanism
 # and five broken ones (docs/audit.md, "Empirical epsilon") -> privacy_audit/; EPSILON=3 for another claim

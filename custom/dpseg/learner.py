@@ -301,7 +301,9 @@ class SiteLearner(Executor):
         num_rounds = int(shareable.get_header(AppConstants.NUM_ROUNDS) or 1)
         global_state = {k: torch.as_tensor(np.asarray(v)).clone() for k, v in dxo.data.items()}
         self._load(global_state)
+        started = time.perf_counter()
         val = self._validation_metrics()
+        validation_seconds = time.perf_counter() - started
         if self.dp:
             if not self.privacy.started:  # once per job: calibrate (or continue) for all its rounds
                 if not self.privacy.resumes:
@@ -343,16 +345,18 @@ class SiteLearner(Executor):
                               f"memory {peak_mb:.0f} MB (kept at the site), val Dice {val['val_dice']:.4f}, {spent}")
         self.log_debug(fl_ctx, f"{self.site}: round {current_round}: local train loss {stats.mean_loss:.4f}, "
                                f"{stats.samples} patients in {stats.steps} steps (kept at the site)")
-        self._keep_round_record(current_round, seconds, peak_mb)
+        self._keep_round_record(current_round, seconds, peak_mb, validation_seconds)
         self._track(current_round, val, meta[PRIVACY_META])
         return DXO(DataKind.WEIGHT_DIFF, data=diff, meta=meta).to_shareable()
 
-    def _keep_round_record(self, current_round: int, seconds: float, peak_mb: float) -> None:
-        """Append this round's training time (s) and peak memory (MB) to the site's own record
-        (SITE_ROUNDS_FILE in its job folder, which ``dpseg report`` reads where it can; never sent)."""
+    def _keep_round_record(self, current_round: int, seconds: float, peak_mb: float, validation_seconds: float) -> None:
+        """Append this round's training and validation times (s) and peak memory (MB) to the site's
+        own record (SITE_ROUNDS_FILE in its job folder, which ``dpseg report`` and the benchmarks read
+        where they can; never sent)."""
         path = self.app_dir / SITE_ROUNDS_FILE
         records = json.loads(path.read_text()) if path.exists() else []
-        records.append({"site": self.site, "round": current_round, "train_seconds": seconds, "peak_rss_mb": peak_mb})
+        records.append({"site": self.site, "round": current_round, "train_seconds": seconds,
+                        "validation_seconds": validation_seconds, "peak_rss_mb": peak_mb})
         write_whole(path, lambda tmp: tmp.write_text(json.dumps(records, indent=1) + "\n"))
 
     def _canary_injector(self, fl_ctx: FLContext) -> CanaryInjector:

@@ -1,4 +1,4 @@
-from dpseg.tools.bench import peak_memory, step_time_ratios
+from dpseg.tools.bench import peak_memory, round_breakdown, step_time_ratios
 
 
 def test_bench_reports_a_ratio_for_every_working_mode():
@@ -29,3 +29,15 @@ def test_attack_time_reads_the_audit_jobs_default_attack():
     assert out["attack"]["warp_grid"] == 6
     assert out["seconds_per_update"] > 0 and out["prior_build_seconds"] > 0
     assert out["seconds_per_iteration"] == out["seconds_per_update"] / 3
+
+
+def test_a_round_is_the_slowest_sites_training_and_validation_plus_communication():
+    rounds = [{"round": 0, "seconds": 30.0, "sites": {"site-1": {}, "site-2": {}}},
+              {"round": 1, "seconds": 20.0, "sites": {"site-1": {}}}]
+    own = {("site-1", 0): {"train_seconds": 10.0, "validation_seconds": 5.0},
+           ("site-2", 0): {"train_seconds": 18.0, "validation_seconds": 4.0},
+           ("site-1", 1): {"train_seconds": 12.0}}  # an older record without validation time
+    first, second = round_breakdown(rounds, own)
+    assert (first["train_s"], first["validation_s"], first["communication_s"]) == (18.0, 4.0, 8.0)
+    assert (second["train_s"], second["validation_s"], second["communication_s"]) == (12.0, None, 8.0)
+    assert round_breakdown([{"round": 2, "seconds": 5.0, "sites": {}}], own)[0]["communication_s"] is None

@@ -10,6 +10,11 @@
 - ``fl_overhead`` and ``scaling`` (``dpseg.tools.bench --fl``): the NVFlare simulator's wall time per
   round against the local training time the sites report inside it, for 1, 2, 4 and 8 simulated
   sites with the same tiny cohort per site.
+- ``demo`` (``--demo``): ``make demo``'s work timed as a whole (the default cohort written, the
+  sites' ledgers, ``jobs/fed_dp`` in the simulator with 3 sites) and broken down: start-up (the
+  simulator's start to the first round), per round the server's round time against the slowest
+  site's training and validation (the rest is communication and waiting), the end (cross-site
+  evaluation and shut-down), each site's peak RSS and the test Dice.
 """
 
 from __future__ import annotations
@@ -252,6 +257,52 @@ def fl_scaling(site_counts: tuple[int, ...] = (1, 2, 4, 8), patients: int = 6, r
             "job": "fed (no DP), batch 2, 2 local epochs", "results": rows}
 
 
+def round_breakdown(rounds: list[dict], sites: dict[tuple[str, int], dict]) -> list[dict]:
+    """Per round: the server's round time (s) against the slowest site's training and validation
+    (``sites``: each site's own record, ``dpseg.report.site_rounds``); communication and waiting
+    are the rest of the round."""
+    rows = []
+    for r in rounds:
+        own = [sites[(s, r["round"])] for s in r["sites"] if (s, r["round"]) in sites]
+        busiest = max(own, key=lambda o: o["train_seconds"] + (o.get("validation_seconds") or 0), default=None)
+        train = busiest["train_seconds"] if busiest else None
+        validation = busiest.get("validation_seconds") if busiest else None
+        rows.append({"round": r["round"], "round_s": r.get("seconds"), "train_s": train, "validation_s": validation,
+                     "communication_s": r["seconds"] - train - (validation or 0)
+                     if busiest and r.get("seconds") is not None else None})
+    return rows
+
+
+def demo_breakdown(work: Path | None = None) -> dict:
+    """``make demo``'s work, timed and broken down (see the module docstring)."""
+    from dpseg.jobs import JOBS_DIR, site_ledgers
+    from dpseg.report import build_report, site_rounds
+    from dpseg.synthetic import write_cohort
+    from dpseg.tools.simulation import run_simulator
+
+    work = Path(work or tempfile.mkdtemp(prefix="dpseg_bench_demo_"))
+    sites = ["site-1", "site-2", "site-3"]
+    start = time.perf_counter()
+    write_cohort(work / "data", n_sites=3, seed=0)
+    cohort_s = time.perf_counter() - start
+    env = {"DPSEG_DATA_ROOT": str(work / "data"), "DPSEG_LEDGER": site_ledgers(work / "ledgers", sites, 20.0)}
+    wall_start = time.time()
+    started = time.perf_counter()
+    result = run_simulator(JOBS_DIR / "fed_dp", work / "ws", env, sites, log=work / "simulator.log")
+    simulator_s = time.perf_counter() - started
+    if result.returncode != 0:
+        return {"benchmark": "demo", "error": f"simulator failed, see {work / 'simulator.log'}"}
+    rounds = json.loads(next((work / "ws" / "server").rglob(ROUNDS_FILE)).read_text())
+    report = build_report(work / "ws")
+    first, last = rounds[0], rounds[-1]
+    return {"benchmark": "demo", "wall_s": time.perf_counter() - start, "cohort_s": cohort_s,
+            "simulator_s": simulator_s, "startup_s": first.get("started", wall_start) - wall_start,
+            "end_s": wall_start + simulator_s - (last.get("started", 0) + (last.get("seconds") or 0)),
+            "rounds": round_breakdown(rounds, site_rounds(work / "ws")),
+            "peak_rss_mb": {s: e.get("peak_rss_mb") for s, e in report["sites"].items()},
+            "test_dice": {s: e.get("test_dice_best") for s, e in report["sites"].items()}}
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -262,12 +313,15 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="also write the figures to this file")
     p.add_argument("--fl", action="store_true", help="also the simulator overhead / scaling (1, 2, 4, 8 sites)")
     p.add_argument("--attack", action="store_true", help="also the time of the audit's default attack on one update")
+    p.add_argument("--demo", action="store_true", help="also make demo's work, timed and broken down (minutes)")
     args = p.parse_args(argv)
     out = {"dp_step_time": step_time_ratios(args.batch_size, args.repeats, args.threads)}
     if args.attack:
         out["attack_time"] = attack_time()
     if args.fl:
         out["fl_overhead_and_scaling"] = fl_scaling()
+    if args.demo:
+        out["demo"] = demo_breakdown()
     text = json.dumps(out, indent=1)
     print(text)
     if args.json:
