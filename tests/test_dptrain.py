@@ -231,3 +231,16 @@ def test_frozen_layers_are_untouched_by_dp_steps_and_the_noise_has_the_trained_s
             assert not torch.equal(p, before[name]), name  # noised and updated
         else:
             assert torch.equal(p, before[name]), name  # bit-identical
+
+
+def test_patient_slices_cache_labels_compactly_and_draw_what_the_bundles_transforms_draw(bundle, cohort):
+    items = resolve(cohort / "site-1" / "datalist.json", "training")
+    data = seeded_slices(items, bundle.train_transforms(), 3)
+    assert all(v["label"].dtype == torch.uint8 and v["image"].dtype == torch.float32 for v in data.cache)
+    reference = bundle.train_transforms()
+    reference.set_random_state(state=np.random.RandomState(3))
+    for patient in (0, 2, 1):  # one scan per patient here: the same draws in the same order
+        images, labels = data.batch([patient])
+        (expected,) = reference(items[data.patients[patient][0]])
+        assert torch.equal(images[0], torch.as_tensor(expected["image"]))
+        assert torch.equal(labels[0], torch.as_tensor(expected["label"])) and labels.dtype == torch.float32

@@ -130,14 +130,14 @@ class _CountingNoise:
         return self.draws[-1].clone()
 
 
-@pytest.mark.parametrize("k", [1, 4])
-def test_a_patients_clipped_gradient_is_the_clipped_mean_of_its_slices_gradients(bundle, k):
+@pytest.mark.parametrize("k, per_pass", [(1, 8), (4, 8), (4, 2), (1, 1)])  # 3 patients in 1, 2 or 3 passes
+def test_a_patients_clipped_gradient_is_the_clipped_mean_of_its_slices_gradients(bundle, k, per_pass):
     net, g = _tiny()
     patients, loss_fn = 3, bundle.loss()
     x = torch.rand(patients * k, 1, 8, 8, generator=g)
     y = (torch.rand(patients * k, 1, 8, 8, generator=g) > 0.5).float()
     reference = _patient_reference(net, loss_fn, x, y, k)
-    hooks = PerSampleGrads(net, slices_per_patient=k)
+    hooks = PerSampleGrads(net, slices_per_patient=k, patients_per_pass=per_pass)
     loss = hooks.backward(x, y, loss_fn)
     assert torch.isclose(loss, torch.stack([loss_fn(net(x[i:i + 1]), y[i:i + 1]) for i in range(len(x))]).mean())
     for j, p in enumerate(net.parameters()):

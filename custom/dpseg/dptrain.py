@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.data import CacheDataset
+from monai.transforms import Compose, Randomizable
 from monai.networks.layers import SkipConnection
 from monai.networks.nets import UNet
 from torch import nn
@@ -141,13 +141,17 @@ class PatientSlices:
 
     Items of the datalist are scans; the items of this dataset are patients (``patient_id``), so a
     patient with several scans is one unit of sampling and of sensitivity. The deterministic part
-    of the bundle's transforms (load, orient, resample, window) is cached once; the scan and slice
-    draws (and intensity shifts) run on every access from ``random_state`` (if None, numpy's and
-    MONAI's global state).
+    of the bundle's transforms (load, orient, resample, window: up to the first random transform)
+    is cached once, each label as uint8 where that is exact (a quarter of float32's memory; it is
+    float32 again before the random part); the scan and slice draws (and intensity shifts) run on
+    every access from ``random_state`` (if None, numpy's and MONAI's global state).
     """
 
     def __init__(self, items: list[dict], train_transforms, random_state: np.random.RandomState | None = None):
-        self.data = CacheDataset(items, train_transforms, cache_rate=1.0, num_workers=0, progress=False)
+        steps = list(train_transforms.transforms)
+        first_random = next((i for i, t in enumerate(steps) if isinstance(t, Randomizable)), len(steps))
+        deterministic, self.random_part = Compose(steps[:first_random]), Compose(steps[first_random:])
+        self.cache = [compact(deterministic(item)) for item in items]
         scans: dict[str, list[int]] = {}
         for index, item in enumerate(items):
             scans.setdefault(patient_id(item), []).append(index)
@@ -163,7 +167,7 @@ class PatientSlices:
         """Images (B*K, 1, H, W) in [0, 1] and labels (B*K, 1, H, W) for the B given patients, K =
         ``slices_per_patient`` consecutive rows per patient, each slice drawn on its own (scan,
         crop, intensity shift)."""
-        samples = [self.data[self._scan(i)] for i in indices for _ in range(slices_per_patient)]
+        samples = [self.random_part(expanded(self.cache[self._scan(i)])) for i in indices for _ in range(slices_per_patient)]
         samples = [s[0] if isinstance(s, list) else s for s in samples]
         return torch.stack([torch.as_tensor(s["image"]) for s in samples]), \
             torch.stack([torch.as_tensor(s["label"]) for s in samples])
@@ -171,6 +175,24 @@ class PatientSlices:
     def _scan(self, patient: int) -> int:
         scans = self.patients[patient]
         return scans[0] if len(scans) == 1 else scans[int(self.random_state.randint(len(scans)))]
+
+
+def compact(volume: dict) -> dict:
+    """A preprocessed volume to cache: its label as uint8 where that keeps every value exactly."""
+    label = volume.get("label")
+    if isinstance(label, torch.Tensor) and label.is_floating_point():
+        small = label.to(torch.uint8)
+        if torch.equal(small.to(label.dtype), label):
+            return {**volume, "label": small}
+    return volume
+
+
+def expanded(volume: dict) -> dict:
+    """A cached volume ready for the random transforms: copies, the label float32 again."""
+    out = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in volume.items()}
+    if isinstance(out.get("label"), torch.Tensor) and out["label"].dtype == torch.uint8:
+        out["label"] = out["label"].to(torch.float32)
+    return out
 
 
 def seeded_slices(items: list[dict], train_transforms, seed: int) -> PatientSlices:

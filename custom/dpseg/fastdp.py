@@ -26,6 +26,8 @@ from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
 
+PATIENTS_PER_PASS = 8  # patients per forward / backward pass of a DP step: a step's activations, not its batch, set its memory
+
 def conv_transpose2d_grad_sample(layer: nn.ConvTranspose2d, activations: list, backprops: torch.Tensor) -> dict:
     """Per-sample gradients of a ConvTranspose2d (groups 1): weight (B, Cin, Cout, kh, kw), bias (B, Cout).
 
@@ -135,13 +137,18 @@ class PerSampleGrads:
     is the gradient of that sample's own loss), "sum" otherwise. ``slices_per_patient`` K: the
     batch's rows come in K consecutive slices per patient and B is the number of patients (each
     row the gradient of the patient's mean slice loss; see the module docstring).
+    ``patients_per_pass``: patients per forward and backward pass (bounds the memory of a step).
     """
 
-    def __init__(self, network: nn.Module, loss_reduction: str = "mean", slices_per_patient: int = 1):
+    def __init__(self, network: nn.Module, loss_reduction: str = "mean", slices_per_patient: int = 1,
+                 patients_per_pass: int = PATIENTS_PER_PASS):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.network, self.loss_reduction = network, loss_reduction
         self.k = checked_slices_per_patient(slices_per_patient)
+        if patients_per_pass < 1:
+            raise ValueError(f"patients_per_pass must be >= 1, got {patients_per_pass}")
+        self.patients_per_pass = int(patients_per_pass)
         self.params = [p for p in network.parameters() if p.requires_grad]
         self.param_ids = set(self.params)
         self.samplers = {}
@@ -184,22 +191,35 @@ class PerSampleGrads:
         output.register_hook(on_grad)
 
     def backward(self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn) -> torch.Tensor:
-        """Forward and backward one batch of (B*K, ...) slices, K consecutive per patient; returns
-        the loss. ``p.grad`` is left untouched."""
+        """Forward and backward one batch of (B*K, ...) slices, K consecutive per patient, in passes
+        of at most ``patients_per_pass`` patients (each row's gradient is its own, so the passes
+        give the rows of one pass over all; the activations held at once are a pass's); returns the
+        loss (the mean over all slices). ``p.grad`` is left untouched."""
         if inputs.shape[0] % self.k:
             raise ValueError(f"a batch of {inputs.shape[0]} slices is not {self.k} slices per patient")
+        rows = self.patients_per_pass * self.k
         for p in self.params:
-            p.grad_sample = None
             p.requires_grad_(False)
+        parts: dict[torch.nn.Parameter, list[torch.Tensor]] = {p: [] for p in self.params}
+        total = inputs.new_zeros(())
         self.active = True
         try:
-            loss = loss_fn(self.network(inputs.detach().requires_grad_(True)), targets)
-            loss.backward()
+            for start in range(0, inputs.shape[0], rows):
+                for p in self.params:
+                    p.grad_sample = None
+                x, y = inputs[start:start + rows], targets[start:start + rows]
+                loss = loss_fn(self.network(x.detach().requires_grad_(True)), y)
+                loss.backward()
+                total = total + loss.detach() * x.shape[0]
+                for p in self.params:
+                    parts[p].append(p.grad_sample)
         finally:
             self.active = False
             for p in self.params:
                 p.requires_grad_(True)
-        return loss
+        for p in self.params:
+            p.grad_sample = parts[p][0] if len(parts[p]) == 1 else torch.cat(parts[p])
+        return total / inputs.shape[0]
 
     def close(self) -> None:
         for h in self.handles:
