@@ -349,6 +349,10 @@ def fl_privacy_audit(args: argparse.Namespace) -> int:
     from dpseg.tools.onerun import fl_one_run
 
     work = Path(args.work or Path(args.out) / "fl_work")
+    if (work / "job").exists() or (work / "ws").exists():
+        print(f"error: {work} holds an earlier audit run (its job and workspace): remove them or give another "
+              "--work", file=sys.stderr)
+        return 2
     cohort = Path(args.data) if args.data else work / "data"
     if not args.data and not (cohort / "site-1" / "datalist.json").is_file():
         write_synthetic(cohort, 3, None, seed=0)  # the default cohort, as make demo writes it

@@ -80,3 +80,11 @@ def test_the_privacy_audit_command_audits_the_shipped_job(tmp_path):
     assert [r["variant"] for r in results["results"]] == ["shipped"]
     bad = run_cli("privacy-audit", "--out", str(tmp_path / "x"), "--job", str(tmp_path / "no_such_job"))
     assert bad.returncode == 2 and "no_such_job" in bad.stderr
+
+
+def test_the_one_run_audit_refuses_a_work_folder_with_an_earlier_run(tmp_path):
+    from conftest import run_cli
+
+    (tmp_path / "out" / "fl_work" / "job").mkdir(parents=True)
+    done = run_cli("privacy-audit", "--fl", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2 and "holds an earlier audit run" in done.stderr
