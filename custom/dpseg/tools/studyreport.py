@@ -64,16 +64,26 @@ def privacy_audit_table(results: dict) -> list[str]:
     lines = ["", "## Empirical epsilon (canary audit of the DP step)", "",
              f"`dpseg privacy-audit` with this grid's FL+DP settings at each epsilon: {first['results'][0]['runs']} runs x "
              f"{first['results'][0]['canaries'] // first['results'][0]['runs']} canaries per variant, every noised step "
-             "seen; lower bounds on epsilon at 95% confidence, Clopper-Pearson / Gaussian-DP route; a variant is "
-             "caught when either exceeds the claim ([audit.md](audit.md#empirical-epsilon-dpseg-privacy-audit)).", "",
+             "seen; lower bounds on epsilon at 95% confidence, Clopper-Pearson / Gaussian-DP route; then one run of "
+             "1,000 canaries scored by the sum of the updates: its lower bound / its estimate (where the audit ran "
+             "it). A variant is caught when a bound exceeds the claim, a broken one also when its estimate does "
+             "([audit.md](audit.md#empirical-epsilon-dpseg-privacy-audit)).", "",
              "| variant | broken | " + " | ".join(f"claimed {a['claimed_epsilon']:g}" for a in audits) + " | caught |",
              "|---|---|" + "---|" * len(audits) + "---|"]
     for i, row in enumerate(first["results"]):
-        cells = [f"{a['results'][i]['epsilon_lower_bound']:.2f} / {a['results'][i]['epsilon_lower_bound_gdp']:.2f}"
-                 for a in audits]
-        caught = ", ".join("yes" if a["results"][i]["caught"] else "no" for a in audits)
+        cells = [_privacy_audit_cell(a["results"][i]) for a in audits]
+        caught = ", ".join("yes" if a["results"][i]["caught"] or (a["results"][i]["broken"] and a["results"][i].get(
+            "estimate_above_claim")) else "no" for a in audits)
         lines.append(f"| {row['variant']} | {'yes' if row['broken'] else 'no'} | " + " | ".join(cells) + f" | {caught} |")
     return lines
+
+
+def _privacy_audit_cell(row: dict) -> str:
+    """"CP / GDP route", and "; one run: bound / estimate" where the row has the one-run audit."""
+    cell = f"{row['epsilon_lower_bound']:.2f} / {row['epsilon_lower_bound_gdp']:.2f}"
+    if row.get("epsilon_estimate") is not None and "epsilon_lower_bound_one_run" in row:
+        cell += f"; one run: {row['epsilon_lower_bound_one_run']:.2f} / {row['epsilon_estimate']:.2f}"
+    return cell
 
 
 def write_figures(results: dict, folder: Path) -> dict[str, Path]:
