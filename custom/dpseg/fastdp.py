@@ -25,8 +25,9 @@ from opacus.grad_sample import GradSampleModule
 from opacus.utils.tensor_utils import unfold2d
 from torch import nn
 
+# patients per forward / backward pass of a DP step: a pass's activations, not the batch's, set its memory
+PATIENTS_PER_PASS = 8
 
-PATIENTS_PER_PASS = 8  # patients per forward / backward pass of a DP step: a step's activations, not its batch, set its memory
 
 def conv_transpose2d_grad_sample(layer: nn.ConvTranspose2d, activations: list, backprops: torch.Tensor) -> dict:
     """Per-sample gradients of a ConvTranspose2d (groups 1): weight (B, Cin, Cout, kh, kw), bias (B, Cout).

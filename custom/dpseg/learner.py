@@ -71,8 +71,8 @@ NATURALS = ("canaries", "canary_seed")  # integers >= 0
 def check_job_arguments(**args) -> None:
     """The job's arguments are plain values of the expected kind, never code or paths: flags are
     booleans, settings in CHOICES one of their values, COUNTS integers >= 1, NATURALS integers
-    >= 0, everything else a number. Raises TypeError or ValueError naming the argument (the site builds nothing from a
-    job's strings)."""
+    >= 0, everything else a number. Raises TypeError or ValueError naming the argument (the site
+    builds nothing from a job's strings)."""
     for name, value in args.items():
         if name == "resume":
             if not isinstance(value, dict) or not all(

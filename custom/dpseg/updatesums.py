@@ -79,7 +79,7 @@ def load_update_sums(path: Path) -> dict[str, tuple[int, dict[str, np.ndarray]]]
     with np.load(path) as data:
         for key in data.files:
             site, name = key.split("/", 1)
-            rounds, sums = out.setdefault(site, (0, {}))
+            sums = out.setdefault(site, (0, {}))[1]
             if name == "_rounds":
                 out[site] = (int(data[key]), sums)
             else:

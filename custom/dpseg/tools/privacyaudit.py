@@ -277,11 +277,15 @@ def one_run(mechanism: Mechanism, variant: Variant, generator: np.random.Generat
     return one_run_figures(trace.projections.sum(axis=0), trace.member, mechanism.delta)
 
 
+def detected(row: dict) -> bool:
+    """Whether the audit flags a variant's row: a bound above the claim, or, for a broken variant,
+    its estimate above the claim (the shipped mechanism's estimate may sit near the claim)."""
+    return row["caught"] or (row["broken"] and bool(row.get("estimate_above_claim")))
+
+
 def wrong_verdicts(results: dict) -> list[str]:
-    """The variants the audit got wrong: a broken one neither caught by a bound nor estimated above
-    the claim, or the shipped one caught by a bound (its estimate may sit near the claim)."""
-    return [r["variant"] for r in results["results"]
-            if (r["broken"] and not (r["caught"] or r["estimate_above_claim"])) or (not r["broken"] and r["caught"])]
+    """The variants the audit got wrong: a broken one not ``detected``, or the shipped one detected."""
+    return [r["variant"] for r in results["results"] if detected(r) != r["broken"]]
 
 
 def _contribution(member: np.ndarray, projections: np.ndarray, sampled: int) -> float:

@@ -60,6 +60,8 @@ def privacy_audit_table(results: dict) -> list[str]:
     audits = results.get("privacy_audits") or []
     if not audits:
         return []
+    from dpseg.tools.privacyaudit import detected
+
     first = audits[0]
     lines = ["", "## Empirical epsilon (canary audit of the DP step)", "",
              f"`dpseg privacy-audit` with this grid's FL+DP settings at each epsilon: {first['results'][0]['runs']} runs x "
@@ -72,8 +74,7 @@ def privacy_audit_table(results: dict) -> list[str]:
              "|---|---|" + "---|" * len(audits) + "---|"]
     for i, row in enumerate(first["results"]):
         cells = [_privacy_audit_cell(a["results"][i]) for a in audits]
-        caught = ", ".join("yes" if a["results"][i]["caught"] or (a["results"][i]["broken"] and a["results"][i].get(
-            "estimate_above_claim")) else "no" for a in audits)
+        caught = ", ".join("yes" if detected(a["results"][i]) else "no" for a in audits)
         lines.append(f"| {row['variant']} | {'yes' if row['broken'] else 'no'} | " + " | ".join(cells) + f" | {caught} |")
     return lines
 
