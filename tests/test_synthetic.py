@@ -27,6 +27,7 @@ from dpseg.synthetic import (
     public_rng,
     site_profiles,
     site_rng,
+    write_cohort,
     write_site,
 )
 
@@ -103,6 +104,15 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
         digests.append(hashlib.sha256(b"".join(data)).hexdigest())
     assert digests[0] == digests[1]
     assert digests[0] != digests[2]
+
+
+def test_sites_written_at_once_by_several_processes_are_the_same_files(tmp_path):
+    one, two = (write_cohort(tmp_path / name, n_sites=3, patients=[3, 4, 3], seed=4, workers=workers)
+                for name, workers in (("one", 1), ("two", 2)))
+    assert [p.relative_to(tmp_path / "two") for p in two] == [p.relative_to(tmp_path / "one") for p in one]
+    files = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    assert len(files) == 3 * 2 + 2 * (3 + 4 + 3)  # a datalist and a profile per site, an image and a label per patient
+    assert all((tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes() for f in files)
 
 
 def test_sites_differ_like_scanners():

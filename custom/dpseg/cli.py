@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 
@@ -17,6 +19,12 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def print_site_progress(started: float, site: str, done: int, total: int) -> None:
+    """A line every 20 patients of a site and at its end; ``started``: the wall clock (s) at the start."""
+    if done == total or done % 20 == 0:
+        print(f"  {site}: {done}/{total} patients ({time.time() - started:.1f} s)", flush=True)
+
+
 def write_synthetic(out: Path, sites: int, patients, seed: int) -> None:
     """``dpseg synth``'s work, with progress: the synthetic cohort in ``out`` (site-k/datalist.json)
     and the pooled ``out/datalist.json``. ``patients``: per site (a list) or for every site."""
@@ -24,12 +32,8 @@ def write_synthetic(out: Path, sites: int, patients, seed: int) -> None:
     from dpseg.synthetic import write_cohort
 
     start = time.perf_counter()
-
-    def progress(site: str, done: int, total: int) -> None:
-        if done == total or done % 20 == 0:
-            print(f"  {site}: {done}/{total} patients ({time.perf_counter() - start:.1f} s)", flush=True)
-
-    datalists = write_cohort(out, sites, patients, seed, progress)
+    progress = partial(print_site_progress, time.time())  # called in the processes that write the sites
+    datalists = write_cohort(out, sites, patients, seed, progress, workers=os.cpu_count() or 1)
     write_pooled(datalists, out / "datalist.json", description="synthetic CT, all sites pooled")
     for d in datalists:
         print(f"wrote {d}")

@@ -22,14 +22,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import resource
 import secrets
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data import CacheDataset
 
 from nvflare.apis.dxo import DXO, DataKind, MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
@@ -44,13 +42,14 @@ from dpseg.bundle import Bundle
 from dpseg.canaries import CanaryInjector, CanarySet, trained_parameters
 from dpseg.checks import check_datalist
 from dpseg.datalist import resolve
-from dpseg.dptrain import OPTIMIZERS, SAMPLINGS, TRAIN_LAYERS, LocalTrainer, secure_slices, seeded_slices
+from dpseg.dptrain import OPTIMIZERS, SAMPLINGS, TRAIN_LAYERS, LocalTrainer, compact, secure_slices, seeded_slices
 from dpseg.evaluate import evaluate
 from dpseg.files import write_whole
 from dpseg.simulator import SIMULATOR_JOB_ID, check_simulator_worker
 from dpseg.jobprivacy import JobPrivacy
 from dpseg.metrics import dice
 from dpseg.privacy import PrivacyError
+from dpseg.processmemory import peak_rss_mb, returned_when_freed
 from dpseg.securerandom import SecureRandom
 from dpseg.site import JobRefused, SiteConfigError, check_job_policy, load_site_settings, torch_threads
 from dpseg.wire import ERROR_HEADER, PRIVACY_META, SITE_ROUNDS_FILE, TRAINING_META, PrivacyMeta, error_header
@@ -250,13 +249,14 @@ class SiteLearner(Executor):
         self.train_items = resolve(self.settings.datalist, "training")
         # without DP the same seed gives the same run; with DP no party can predict a draw
         transforms = self.bundle.train_transforms()
-        self.data = secure_slices(self.train_items, transforms, SecureRandom()) if self.dp else \
-            seeded_slices(self.train_items, transforms, self.seed)
+        with returned_when_freed():  # the caches' intermediate arrays leave no holes in the heap
+            self.data = secure_slices(self.train_items, transforms, SecureRandom()) if self.dp else \
+                seeded_slices(self.train_items, transforms, self.seed)
+            volume = self.bundle.volume_transforms()
+            self.val_data = [compact(volume(item)) for item in resolve(self.settings.datalist, "validation")]
         self.n_patients = len(self.data)  # never sent (see the module docstring)
         self.local_steps = self.fixed_steps if self.fixed_steps > 0 else \
             max(1, math.ceil(self.local_epochs * self.n_patients / self.batch_size))
-        self.val_data = CacheDataset(resolve(self.settings.datalist, "validation"), self.bundle.volume_transforms(),
-                                     cache_rate=1.0, num_workers=0, progress=False)
         self.inferer = self.bundle.inferer()
         self.log_info(fl_ctx, f"{self.site}: data ready in {time.perf_counter() - started:.0f} s")
         self.ready = True
@@ -340,7 +340,7 @@ class SiteLearner(Executor):
         meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: self.local_steps, MetaKey.INITIAL_METRICS: val,
                 PRIVACY_META: self.privacy.meta() if self.dp else PrivacyMeta(dp=False).to_dict(), TRAINING_META: self._training_meta()}
         spent = f"epsilon {meta[PRIVACY_META]['epsilon']:.3f}" if self.dp else "no DP"
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak_mb = peak_rss_mb()
         self.log_info(fl_ctx, f"{self.site}: round {current_round}: {stats.steps} steps in {seconds:.1f} s, peak "
                               f"memory {peak_mb:.0f} MB (kept at the site), val Dice {val['val_dice']:.4f}, {spent}")
         self.log_debug(fl_ctx, f"{self.site}: round {current_round}: local train loss {stats.mean_loss:.4f}, "
@@ -380,7 +380,7 @@ class SiteLearner(Executor):
         self.network.eval()
         dices, losses = [], []
         for item in self.val_data:
-            image, label = item["image"].unsqueeze(0), item["label"].unsqueeze(0)
+            image, label = item["image"].unsqueeze(0), item["label"].unsqueeze(0).float()
             logits = self.inferer(image, self.network)
             losses.append(float(self.loss_fn(logits, label)))
             dices.append(dice(logits.argmax(1).numpy(), label[:, 0].numpy()))

@@ -22,7 +22,9 @@ generators that no site's can coincide with (``public_rng``).
 from __future__ import annotations
 
 import json
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
+from multiprocessing import get_context
 from pathlib import Path
 
 import nibabel as nib
@@ -419,9 +421,19 @@ def write_site(out: Path, profile: SiteProfile, seed: int, progress=None) -> Pat
 
 
 def write_cohort(out: Path, n_sites: int = 3, patients: list[int] | None = None, seed: int = 0,
-                 progress=None) -> list[Path]:
-    """Write a synthetic multi-site cohort under ``out``; returns each site's datalist path."""
-    return [write_site(Path(out), p, seed, progress) for p in site_profiles(n_sites, patients, seed)]
+                 progress=None, workers: int = 1) -> list[Path]:
+    """Write a synthetic multi-site cohort under ``out``; returns each site's datalist path.
+
+    ``workers`` > 1: sites are written by that many processes at once, the largest first (each site
+    draws from its own generator, so the files are the same as one process writes); ``progress``
+    must then be picklable (it is called in the workers)."""
+    profiles = site_profiles(n_sites, patients, seed)
+    if workers <= 1 or len(profiles) == 1:
+        return [write_site(Path(out), p, seed, progress) for p in profiles]
+    with ProcessPoolExecutor(max_workers=min(workers, len(profiles)), mp_context=get_context("spawn")) as pool:
+        futures = {p.name: pool.submit(write_site, Path(out), p, seed, progress)
+                   for p in sorted(profiles, key=lambda p: -p.patients)}
+        return [futures[p.name].result() for p in profiles]
 
 
 # ---------------------------------------------------------------------------------------------
