@@ -29,6 +29,7 @@ def test_attack_time_reads_the_audit_jobs_default_attack():
     assert out["attack"]["warp_grid"] == 6
     assert out["seconds_per_update"] > 0 and out["prior_build_seconds"] > 0
     assert out["seconds_per_iteration"] == out["seconds_per_update"] / 3
+    assert 0 < out["informed_seconds_per_candidate"] < out["seconds_per_update"]
 
 
 def test_a_round_is_the_slowest_sites_training_and_validation_plus_communication():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import platform
 import statistics
 import tempfile
@@ -190,12 +191,17 @@ def step_time_ratios(batch_size: int = 16, repeats: int = 7, threads: int | None
             "torch": torch.__version__, "modes": results, "noise": noise_time()}
 
 
+INFORMED_CANDIDATES = 64  # candidates the informed attacker's cost per candidate is timed on
+
+
 def attack_time(overrides: dict | None = None, prior_patients: tuple[int, ...] | None = None) -> dict:
     """Seconds of the audit job's default attack (every ``attack_*`` setting of its server config:
     iterations x restarts, prior, noise averaging, refinement, ...; ``overrides`` change them) on
     one update of the bundle network (one slice, one SGD step of learning rate 0.01 at the initial
     model, known mask): building the synthetic prior (done once per site workspace, then kept) and
-    attacking the update."""
+    attacking the update by reconstruction, and the informed attacker's seconds per candidate (one
+    per-sample gradient each; an audit scores every training slice of the site)."""
+    from dpseg.identification import candidate_scores
     from dpseg.inversion import AttackSettings, invert
     from dpseg.jobs import job_attack
     from dpseg.prior import PUBLIC_PATIENTS, load_prior, synthetic_prior
@@ -215,9 +221,13 @@ def attack_time(overrides: dict | None = None, prior_patients: tuple[int, ...] |
     built = time.perf_counter() - started
     settings = AttackSettings(**attack, local_lr=0.01, intensity_shift=bundle.intensity_shift())
     rec = invert(network, loss_fn, update, settings, tuple(bundle.roi_size()), label=y, prior=prior)
+    images, labels = _batch(bundle, INFORMED_CANDIDATES, seed=1)
+    started = time.perf_counter()
+    candidate_scores(network, loss_fn, [-t for t in update.values()], list(update), images, labels)
+    informed = (time.perf_counter() - started) / INFORMED_CANDIDATES
     return {"benchmark": "attack_time", "attack": attack, "prior_build_seconds": built,
             "seconds_per_update": rec.seconds, "seconds_per_iteration": rec.seconds / rec.iterations,
-            "torch_threads": torch.get_num_threads()}
+            "informed_seconds_per_candidate": informed, "torch_threads": torch.get_num_threads()}
 
 
 def fl_scaling(site_counts: tuple[int, ...] = (1, 2, 4, 8), patients: int = 6, rounds: int = 3,
@@ -283,7 +293,7 @@ def demo_breakdown(work: Path | None = None) -> dict:
     work = Path(work or tempfile.mkdtemp(prefix="dpseg_bench_demo_"))
     sites = ["site-1", "site-2", "site-3"]
     start = time.perf_counter()
-    write_cohort(work / "data", n_sites=3, seed=0)
+    write_cohort(work / "data", n_sites=3, seed=0, workers=os.cpu_count() or 1)
     cohort_s = time.perf_counter() - start
     env = {"DPSEG_DATA_ROOT": str(work / "data"), "DPSEG_LEDGER": site_ledgers(work / "ledgers", sites, 20.0)}
     wall_start = time.time()
