@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from dpseg.datalist import resolve
-from dpseg.dptrain import (LocalTrainer, PatientSlices, StepStats, poisson_sample, secure_slices, seeded_slices,
-                           set_trained_layers, unet_paths)
+from dpseg.dptrain import (IMAGE_LEVELS, LocalTrainer, PatientSlices, StepStats, compact, expanded, poisson_sample,
+                           secure_slices, seeded_slices, set_trained_layers, unet_paths)
 from dpseg.privacy import Accountant, PrivacyPlan, calibrate
 from dpseg.securerandom import SecureRandom
 
@@ -233,14 +233,25 @@ def test_frozen_layers_are_untouched_by_dp_steps_and_the_noise_has_the_trained_s
             assert torch.equal(p, before[name]), name  # bit-identical
 
 
-def test_patient_slices_cache_labels_compactly_and_draw_what_the_bundles_transforms_draw(bundle, cohort):
+def test_patient_slices_cache_compactly_and_draw_what_the_bundles_transforms_draw(bundle, cohort):
     items = resolve(cohort / "site-1" / "datalist.json", "training")
     data = seeded_slices(items, bundle.train_transforms(), 3)
-    assert all(v["label"].dtype == torch.uint8 and v["image"].dtype == torch.float32 for v in data.cache)
+    assert all(v["label"].dtype == torch.uint8 and v["image"].dtype == torch.uint16 for v in data.cache)
     reference = bundle.train_transforms()
     reference.set_random_state(state=np.random.RandomState(3))
     for patient in (0, 2, 1):  # one scan per patient here: the same draws in the same order
         images, labels = data.batch([patient])
         (expected,) = reference(items[data.patients[patient][0]])
-        assert torch.equal(images[0], torch.as_tensor(expected["image"]))
+        assert images.dtype == torch.float32 and not torch.equal(images[0], torch.as_tensor(expected["image"]))
+        assert torch.allclose(images[0], torch.as_tensor(expected["image"]), rtol=0, atol=0.5 / IMAGE_LEVELS + 1e-7)
         assert torch.equal(labels[0], torch.as_tensor(expected["label"])) and labels.dtype == torch.float32
+
+
+def test_only_images_within_the_window_are_cached_as_levels():
+    inside, outside = torch.tensor([0.0, 0.25, 1.0]), torch.tensor([-0.5, 0.25, 1.0])
+    assert compact({"image": inside})["image"].dtype == torch.uint16
+    back = expanded(compact({"image": inside}))["image"]
+    assert back[0] == 0.0 and back[2] == 1.0 and abs(float(back[1]) - 0.25) <= 0.5 / IMAGE_LEVELS  # the window's ends exact
+    assert compact({"image": outside})["image"] is outside  # kept as it is
+    label = torch.tensor([0.0, 0.5])
+    assert compact({"label": label})["label"] is label  # not 0/1: not exact as uint8

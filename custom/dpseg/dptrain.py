@@ -142,8 +142,8 @@ class PatientSlices:
     Items of the datalist are scans; the items of this dataset are patients (``patient_id``), so a
     patient with several scans is one unit of sampling and of sensitivity. The deterministic part
     of the bundle's transforms (load, orient, resample, window: up to the first random transform)
-    is cached once, each label as uint8 where that is exact (a quarter of float32's memory; it is
-    float32 again before the random part); the scan and slice draws (and intensity shifts) run on
+    is cached once, compactly (``compact``: each label as uint8 where that is exact, each image as
+    uint16 levels; both float32 again before the random part); the scan and slice draws (and intensity shifts) run on
     every access from ``random_state`` (if None, numpy's and MONAI's global state).
     """
 
@@ -177,21 +177,34 @@ class PatientSlices:
         return scans[0] if len(scans) == 1 else scans[int(self.random_state.randint(len(scans)))]
 
 
+IMAGE_LEVELS = 65535  # a cached image in [0, 1] is q / IMAGE_LEVELS, q a uint16
+
+
 def compact(volume: dict) -> dict:
-    """A preprocessed volume to cache: its label as uint8 where that keeps every value exactly."""
+    """A preprocessed volume to cache in under half of float32's memory: its label as uint8 where
+    that keeps every value exactly; its image, where every value lies in [0, 1] (the bundle's
+    window clips to it), as uint16 levels q = round(x * 65535): an error of at most 7.7e-6, under
+    0.01 HU for any HU window narrower than 1,300 HU (``expanded`` turns both back into float32)."""
+    out = dict(volume)
     label = volume.get("label")
     if isinstance(label, torch.Tensor) and label.is_floating_point():
         small = label.to(torch.uint8)
         if torch.equal(small.to(label.dtype), label):
-            return {**volume, "label": small}
-    return volume
+            out["label"] = small
+    image = volume.get("image")
+    if isinstance(image, torch.Tensor) and image.is_floating_point() and image.numel() \
+            and float(image.min()) >= 0.0 and float(image.max()) <= 1.0:
+        out["image"] = torch.round(image * IMAGE_LEVELS).to(torch.uint16)
+    return out
 
 
 def expanded(volume: dict) -> dict:
-    """A cached volume ready for the random transforms: copies, the label float32 again."""
+    """A cached volume ready for the transforms after the cache: new tensors, float32 again."""
     out = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in volume.items()}
     if isinstance(out.get("label"), torch.Tensor) and out["label"].dtype == torch.uint8:
         out["label"] = out["label"].to(torch.float32)
+    if isinstance(out.get("image"), torch.Tensor) and out["image"].dtype == torch.uint16:
+        out["image"] = out["image"].to(torch.float32) / IMAGE_LEVELS
     return out
 
 

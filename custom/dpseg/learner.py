@@ -42,7 +42,8 @@ from dpseg.bundle import Bundle
 from dpseg.canaries import CanaryInjector, CanarySet, trained_parameters
 from dpseg.checks import check_datalist
 from dpseg.datalist import resolve
-from dpseg.dptrain import OPTIMIZERS, SAMPLINGS, TRAIN_LAYERS, LocalTrainer, compact, secure_slices, seeded_slices
+from dpseg.dptrain import (OPTIMIZERS, SAMPLINGS, TRAIN_LAYERS, LocalTrainer, compact, expanded, secure_slices,
+                           seeded_slices)
 from dpseg.evaluate import evaluate
 from dpseg.files import write_whole
 from dpseg.simulator import SIMULATOR_JOB_ID, check_simulator_worker
@@ -380,7 +381,8 @@ class SiteLearner(Executor):
         self.network.eval()
         dices, losses = [], []
         for item in self.val_data:
-            image, label = item["image"].unsqueeze(0), item["label"].unsqueeze(0).float()
+            item = expanded(item)
+            image, label = item["image"].unsqueeze(0), item["label"].unsqueeze(0)
             logits = self.inferer(image, self.network)
             losses.append(float(self.loss_fn(logits, label)))
             dices.append(dice(logits.argmax(1).numpy(), label[:, 0].numpy()))
