@@ -143,8 +143,9 @@ class PatientSlices:
     patient with several scans is one unit of sampling and of sensitivity. The deterministic part
     of the bundle's transforms (load, orient, resample, window: up to the first random transform)
     is cached once, compactly (``compact``: each label as uint8 where that is exact, each image as
-    uint16 levels; both float32 again before the random part); the scan and slice draws (and intensity shifts) run on
-    every access from ``random_state`` (if None, numpy's and MONAI's global state).
+    uint16 levels; both float32 again before the random part); the scan and slice draws (and
+    intensity shifts) run on every access from ``random_state`` (if None, numpy's and MONAI's
+    global state).
     """
 
     def __init__(self, items: list[dict], train_transforms, random_state: np.random.RandomState | None = None):
@@ -199,13 +200,17 @@ def compact(volume: dict) -> dict:
 
 
 def expanded(volume: dict) -> dict:
-    """A cached volume ready for the transforms after the cache: new tensors, float32 again."""
-    out = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in volume.items()}
-    if isinstance(out.get("label"), torch.Tensor) and out["label"].dtype == torch.uint8:
-        out["label"] = out["label"].to(torch.float32)
-    if isinstance(out.get("image"), torch.Tensor) and out["image"].dtype == torch.uint16:
-        out["image"] = out["image"].to(torch.float32) / IMAGE_LEVELS
-    return out
+    """A cached volume ready for the transforms after the cache: new tensors (the cache's are never
+    handed out), float32 again; each tensor is copied once."""
+    def fresh(key: str, value):
+        if not isinstance(value, torch.Tensor):
+            return value
+        if key == "label" and value.dtype == torch.uint8:
+            return value.to(torch.float32)
+        if key == "image" and value.dtype == torch.uint16:
+            return value.to(torch.float32).div_(IMAGE_LEVELS)
+        return value.clone()
+    return {k: fresh(k, v) for k, v in volume.items()}
 
 
 def seeded_slices(items: list[dict], train_transforms, seed: int) -> PatientSlices:
