@@ -245,6 +245,9 @@ def test_patient_slices_cache_compactly_and_draw_what_the_bundles_transforms_dra
         assert images.dtype == torch.float32 and not torch.equal(images[0], torch.as_tensor(expected["image"]))
         assert torch.allclose(images[0], torch.as_tensor(expected["image"]), rtol=0, atol=0.5 / IMAGE_LEVELS + 1e-7)
         assert torch.equal(labels[0], torch.as_tensor(expected["label"])) and labels.dtype == torch.float32
+    from monai.data import get_track_meta
+
+    assert get_track_meta()  # the draws ran without metadata; MONAI's setting is back as it was
 
 
 def test_only_images_within_the_window_are_cached_as_levels():

@@ -19,10 +19,12 @@ same seed gives the same run.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from monai.data import get_track_meta, set_track_meta
 from monai.transforms import Compose, Randomizable
 from monai.networks.layers import SkipConnection
 from monai.networks.nets import UNet
@@ -168,7 +170,9 @@ class PatientSlices:
         """Images (B*K, 1, H, W) in [0, 1] and labels (B*K, 1, H, W) for the B given patients, K =
         ``slices_per_patient`` consecutive rows per patient, each slice drawn on its own (scan,
         crop, intensity shift)."""
-        samples = [self.random_part(expanded(self.cache[self._scan(i)])) for i in indices for _ in range(slices_per_patient)]
+        with plain_tensors():
+            samples = [self.random_part(expanded(self.cache[self._scan(i)]))
+                       for i in indices for _ in range(slices_per_patient)]
         samples = [s[0] if isinstance(s, list) else s for s in samples]
         return torch.stack([torch.as_tensor(s["image"]) for s in samples]), \
             torch.stack([torch.as_tensor(s["label"]) for s in samples])
@@ -176,6 +180,19 @@ class PatientSlices:
     def _scan(self, patient: int) -> int:
         scans = self.patients[patient]
         return scans[0] if len(scans) == 1 else scans[int(self.random_state.randint(len(scans)))]
+
+
+@contextmanager
+def plain_tensors():
+    """MONAI transforms inside return plain tensors, without the metadata (affine, applied
+    operations) they would otherwise copy at every step: the same values, a quarter less time for
+    a training slice's draw. Restores the setting before (MONAI's, one for the process)."""
+    before = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(before)
 
 
 IMAGE_LEVELS = 65535  # a cached image in [0, 1] is q / IMAGE_LEVELS, q a uint16

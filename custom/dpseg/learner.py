@@ -48,7 +48,7 @@ from dpseg.evaluate import evaluate
 from dpseg.files import write_whole
 from dpseg.simulator import SIMULATOR_JOB_ID, check_simulator_worker
 from dpseg.jobprivacy import JobPrivacy
-from dpseg.metrics import dice
+from dpseg.metrics import dice, predicted_labels
 from dpseg.privacy import PrivacyError
 from dpseg.processmemory import peak_rss_mb, returned_when_freed
 from dpseg.securerandom import SecureRandom
@@ -385,7 +385,7 @@ class SiteLearner(Executor):
             image, label = item["image"].unsqueeze(0), item["label"].unsqueeze(0)
             logits = self.inferer(image, self.network)
             losses.append(float(self.loss_fn(logits, label)))
-            dices.append(dice(logits.argmax(1).numpy(), label[:, 0].numpy()))
+            dices.append(dice(predicted_labels(logits), label[:, 0].numpy()))
         return {"val_dice": float(np.mean(dices)), "val_loss": float(np.mean(losses))}
 
     def _validate(self, shareable: Shareable, fl_ctx: FLContext) -> Shareable:

@@ -5,6 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 
+def predicted_labels(logits) -> np.ndarray:
+    """Class of each voxel, the argmax over the channel dimension of ``logits`` (B, C, ...), a
+    torch tensor: (B, ...). For two classes a comparison of the two channels, the same result
+    (a tie goes to class 0 either way) in a fraction of the time of torch's argmax over dim 1."""
+    if logits.shape[1] == 2:
+        return (logits[:, 1] > logits[:, 0]).numpy()
+    return logits.argmax(1).numpy()
+
+
 def dice(pred: np.ndarray, truth: np.ndarray) -> float:
     """Dice coefficient of two binary masks of the same shape (1.0 when both are empty)."""
     pred, truth = np.asarray(pred) > 0, np.asarray(truth) > 0
