@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 if TYPE_CHECKING:
     from dpseg.ledger import Ledger
@@ -100,6 +98,15 @@ def calibrate(target_epsilon: float, delta: float, max_grad_norm: float, batch_s
 EPSILON_TOLERANCE = 0.01  # a calibrated job spends between target - this and the target
 
 
+def create_accountant(mechanism: str):
+    """A new Opacus accountant ("prv" or "rdp"). Opacus is imported here, when an accountant is
+    first needed, not with this module: importing it takes about 5 s, which every ``dpseg ledger``
+    command would otherwise pay for nothing."""
+    from opacus.accountants import create_accountant as opacus_accountant
+
+    return opacus_accountant(mechanism=mechanism)
+
+
 def _epsilon(sigma: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
     """Epsilon of ``steps`` Poisson-sampled Gaussian steps of noise multiplier ``sigma`` (inf where the
     accountant cannot bound it)."""
@@ -118,6 +125,7 @@ def noise_multiplier(target_epsilon: float, delta: float, sample_rate: float, st
     enough for the tighter PRV), then Brent's method on log sigma, about 8 accountant evaluations
     instead of the bisection's 15 to 20. The result spends between target - EPSILON_TOLERANCE and
     the target."""
+    from opacus.accountants.utils import get_noise_multiplier
     from scipy.optimize import brentq
 
     def eps(sigma: float) -> float:
