@@ -5,11 +5,12 @@ frees many arrays of a few MB (a scan at its own resolution, its resampled copie
 default, whose mmap threshold rises to the size of the largest block freed, those blocks come from
 the heap, and the holes they leave between the cached volumes stay part of the process's resident
 memory: about 100-190 MB per site on the default cohort (measured). ``returned_when_freed`` makes
-every block over 1 MiB its own mapping while the cache is built, so freeing it gives the memory
-back (128 KiB, glibc's starting threshold, left the same resident memory and took 15% longer to
-cache site-3 of the default cohort, 15.7 against 13.6 s, measured); afterwards blocks up to 32 MiB come from the heap again, where training reuses them step
-after step (a per-block mapping there costs page faults on every step: twice the step time,
-measured). Values are numerically unchanged; off glibc (no ``mallopt``) nothing changes.
+every block over 128 KiB its own mapping while the cache is built, so freeing it gives the memory
+back (1 MiB cached site-3 of the default cohort 15% faster alone, 13.6 against 15.7 s, but in the
+demo's site processes peaked about 100 MB higher: 1058 / 1038 MB at site-2 / 3 against 959 / 965,
+one run each, measured); afterwards blocks up to 32 MiB come from the heap again, where
+training reuses them step after step (a per-block mapping there costs page faults on every step:
+twice the step time, measured). Values are numerically unchanged; off glibc (no ``mallopt``) nothing changes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import resource
 from contextlib import contextmanager
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc malloc.h)
-CACHING_THRESHOLD = 1024 * 1024  # bytes, held fixed while caching
+CACHING_THRESHOLD = 128 * 1024  # bytes: glibc's starting threshold, held fixed while caching
 TRAINING_THRESHOLD = 32 * 1024 * 1024  # bytes: the largest threshold glibc's own adjustment reaches (64-bit)
 
 
@@ -41,7 +42,7 @@ def set_mmap_threshold(size: int) -> bool:
 
 @contextmanager
 def returned_when_freed():
-    """Inside: large blocks (over 1 MiB) are mapped one by one, so freeing one returns it to the
+    """Inside: large blocks (over 128 KiB) are mapped one by one, so freeing one returns it to the
     system; after: blocks up to 32 MiB come from the heap (fast reuse while training)."""
     set_mmap_threshold(CACHING_THRESHOLD)
     try:
