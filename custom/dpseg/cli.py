@@ -266,11 +266,6 @@ AUDIT_OPTIONS = ("iterations", "restarts", "label", "simulate", "seed", "prior",
 
 def cmd_audit(args: argparse.Namespace) -> int:
     """Attack one saved update outside NVFlare and score it against the site's true batch."""
-    from dpseg.auditor import attack_settings, audit_update
-    from dpseg.bundle import Bundle
-    from dpseg.datalist import resolve
-    from dpseg.prior import PRIOR_SPECS, load_prior, prior_from_datalist
-    from dpseg.slices import SliceSet
     from dpseg.wire import PRIVACY_META, TRAINING_META
 
     record = _load_torch(args.update, "update")
@@ -290,6 +285,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if not batch.get("patients", [0]) or "images" not in batch:
         print(f"error: {args.data} holds no image for step {args.step} (an empty Poisson sample?)", file=sys.stderr)
         return 2
+    # the attack's modules (MONAI, Opacus: seconds to import) only once the files are known to be good
+    from dpseg.auditor import attack_settings, audit_update
+    from dpseg.bundle import Bundle
+    from dpseg.datalist import resolve
+    from dpseg.prior import PRIOR_SPECS, load_prior, prior_from_datalist
+    from dpseg.slices import SliceSet
+
     bundle = Bundle()
     given = {"local_steps": args.local_steps, "learning_rate": args.local_lr, "batch_size": args.batch_size}
     training = {**(meta.get(TRAINING_META) or {}), **{k: v for k, v in given.items() if v}}
