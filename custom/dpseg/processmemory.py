@@ -6,11 +6,12 @@ default, whose mmap threshold rises to the size of the largest block freed, thos
 the heap, and the holes they leave between the cached volumes stay part of the process's resident
 memory: about 100-190 MB per site on the default cohort (measured). ``returned_when_freed`` makes
 every block over 128 KiB its own mapping while the cache is built, so freeing it gives the memory
-back (1 MiB cached site-3 of the default cohort 15% faster alone, 13.6 against 15.7 s, but in the
+back. (1 MiB cached site-3 of the default cohort 15% faster alone, 13.6 against 15.7 s, but the
 demo's site processes peaked higher: 1075 / 1053 MB at site-2 / 3 in one run, against 996 / 975
-and 1017 / 960 in two runs at 128 KiB, measured); afterwards blocks up to 32 MiB come from the heap again, where
-training reuses them step after step (a per-block mapping there costs page faults on every step:
-twice the step time, measured). Values are numerically unchanged; off glibc (no ``mallopt``) nothing changes.
+and 1017 / 960 in two runs at 128 KiB, measured.) Afterwards blocks up to 32 MiB come from the
+heap again, where training reuses them step after step (a per-block mapping there costs page
+faults on every step: twice the step time, measured). Values are numerically unchanged; off glibc
+(no ``mallopt``) nothing changes.
 """
 
 from __future__ import annotations
